@@ -1,0 +1,3 @@
+from .base import Backend, EventCallback, create_backend
+
+__all__ = ["Backend", "EventCallback", "create_backend"]

@@ -1,0 +1,210 @@
+"""The local registry of connections and the fan-out of events to them.
+
+The broker indexes this process's connections by stream key (a user's
+personal stream, a topic, a tenant's broadcast) and offers each event the
+backend hands it to every connection reading one of its streams. Opening a
+connection registers it first (so live events are held, not missed), then
+reads the backend's history after the client's cursor, then releases the
+replay followed by the held events; positions drop anything seen twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import cursor as cursors
+from .backends.base import Backend
+from .connection import Connection
+from .event import CloseReason, Event, stream_key, user_stream
+
+log = logging.getLogger("tidings.broker")
+
+
+@dataclass(slots=True)
+class Resumption:
+    """What opening a connection found: events to replay, or why it could not."""
+
+    replay: list[Event] = field(default_factory=list)
+    reset: str | None = None
+
+
+@dataclass(slots=True)
+class BrokerStats:
+    published: int = 0
+    delivered: int = 0
+    dropped: int = 0
+    connects: int = 0
+    disconnects: int = 0
+    overflows: int = 0
+
+
+class Broker:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.stats = BrokerStats()
+        self.connections: dict[str, Connection] = {}
+        self._readers: dict[str, set[Connection]] = {}
+
+    # -- fan-out --------------------------------------------------------------
+
+    def dispatch(self, event: Event) -> None:
+        """The backend's callback: offer `event` to every local reader, once each."""
+        tenant = event.tenant
+        streams = event.streams
+        delivered = 0
+        if len(streams) == 1:
+            readers = self._readers.get(stream_key(tenant, streams[0][0]))
+            if readers:
+                for conn in tuple(readers):
+                    delivered += conn.offer(event)
+        else:
+            seen: set[Connection] = set()
+            for stream, _ in streams:
+                readers = self._readers.get(stream_key(tenant, stream))
+                if readers:
+                    seen.update(readers)
+            for conn in seen:
+                delivered += conn.offer(event)
+        self.stats.delivered += delivered
+
+    # -- connections ----------------------------------------------------------
+
+    async def attach(self, conn: Connection, cursor: str | None) -> Resumption:
+        """Register `conn` and find what it missed since `cursor`.
+
+        Live events for `conn` are held in `conn.pending` until `release()`.
+        """
+        conn.epoch = self.backend.epoch
+        self.connections[conn.id] = conn
+        fresh = []
+        for stream in conn.streams:
+            key = stream_key(conn.tenant, stream)
+            readers = self._readers.get(key)
+            if readers is None:
+                readers = self._readers[key] = set()
+                fresh.append(key)
+            readers.add(conn)
+        self.stats.connects += 1
+        if fresh:
+            await self.backend.subscribe(fresh)
+        return await self._resume(conn, cursor)
+
+    async def _resume(self, conn: Connection, cursor: str | None) -> Resumption:
+        result = Resumption()
+        tops = await self.backend.tops(conn.tenant, conn.streams)
+        wanted: dict[str, int] = {}
+        if cursor is not None:
+            try:
+                epoch, positions = cursors.decode(cursor)
+            except cursors.CursorError as exc:
+                result.reset = str(exc)
+            else:
+                if epoch != conn.epoch:
+                    result.reset = "history epoch changed (server restarted)"
+                else:
+                    by_hash = {conn.stream_hash(s): s for s in conn.streams}
+                    wanted = {by_hash[h]: seq for h, seq in positions.items() if h in by_hash}
+        runs: list[list[Event]] = []
+        for stream in conn.streams:
+            start = wanted.get(stream)
+            if start is not None and start < tops[stream]:
+                events = await self.backend.history(conn.tenant, stream, start)
+                if events is None:
+                    result.reset = result.reset or f"history of {stream[:1]}-stream no longer kept"
+                    start = None
+                else:
+                    runs.append(events)
+            elif start is not None and start > tops[stream]:
+                result.reset = result.reset or "cursor is ahead of the history"
+                start = None
+            conn.set_position(stream, tops[stream] if start is None else start)
+        result.replay = _merge(runs)
+        return result
+
+    def release(self, conn: Connection, resumption: Resumption) -> None:
+        """Deliver the replay, then the live events held since `attach`, then go live."""
+        held, conn.pending = conn.pending or [], None
+        count = 0
+        for event in resumption.replay:
+            count += conn.deliver(event, force=True)
+        for event in held:
+            count += conn.deliver(event, force=True)
+        self.stats.delivered += count
+
+    def detach(self, conn: Connection) -> None:
+        if self.connections.pop(conn.id, None) is None:
+            return
+        self.stats.disconnects += 1
+        gone = []
+        for stream in conn.streams:
+            key = stream_key(conn.tenant, stream)
+            readers = self._readers.get(key)
+            if readers is not None:
+                readers.discard(conn)
+                if not readers:
+                    del self._readers[key]
+                    gone.append(key)
+        if conn.closed is None:
+            conn.close(CloseReason.CLIENT)
+        if conn.closed is CloseReason.SLOW:
+            # The unsent frames are lost to this socket, not to the client:
+            # its reconnect replays them from history.
+            self.stats.overflows += 1
+            self.stats.dropped += len(conn.buffer) + 1
+            conn.buffer.clear()
+        if gone:
+            task = asyncio.ensure_future(self.backend.unsubscribe(gone))
+            task.add_done_callback(_log_failure)
+
+    # -- presence -------------------------------------------------------------
+
+    def user_connections(self, tenant: str, user_id: str) -> list[Connection]:
+        return list(self._readers.get(stream_key(tenant, user_stream(user_id)), ()))
+
+    def users(self, tenant: str | None = None) -> set[tuple[str, str]]:
+        return {
+            (c.tenant, c.user_id)
+            for c in self.connections.values()
+            if tenant is None or c.tenant == tenant
+        }
+
+    def topic_count(self) -> int:
+        return sum(1 for key in self._readers if "\x1ft:" in key)
+
+    def heartbeat(self) -> None:
+        for conn in tuple(self.connections.values()):
+            conn.heartbeat()
+
+    def close_stalled(self, timeout: float) -> None:
+        """Close connections whose writes have not completed for `timeout` seconds."""
+        horizon = time.monotonic() - timeout
+        for conn in tuple(self.connections.values()):
+            if conn.busy_since and conn.busy_since < horizon:
+                conn.close(CloseReason.TIMEOUT)
+
+    def close_all(self, reason: CloseReason, conns: Iterable[Connection] | None = None) -> int:
+        targets = tuple(self.connections.values() if conns is None else conns)
+        for conn in targets:
+            conn.close(reason)
+        return len(targets)
+
+
+def _merge(runs: list[list[Event]]) -> list[Event]:
+    """Merge per-stream histories by publish time; each stream keeps its own order.
+
+    An event on several streams appears in several runs; delivery drops the
+    second copy because the connection's positions already passed it.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    return list(heapq.merge(*runs, key=lambda e: e.ts))
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("backend unsubscribe failed", exc_info=task.exception())

@@ -1,0 +1,177 @@
+"""A client connection: its streams, its resume position, and a bounded buffer.
+
+`offer()` is the per-recipient hot path of fan-out. It never waits: it
+advances the connection's position, prepends the connection's cursor to the
+event's shared encoding and either writes straight to the socket (`direct`,
+set by a transport while the socket is writable) or appends to the buffer
+that the transport drains. A full buffer closes the connection with
+`CloseReason.SLOW`; the client's reconnect resumes from history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+
+from . import cursor as cursors
+from . import wire
+from .auth import Principal
+from .event import CloseReason, Event
+
+_ids = itertools.count(1)
+
+
+class Connection:
+    """Base of the SSE and WebSocket connections; subclasses only frame events."""
+
+    __slots__ = (
+        "_hashes", "_index", "_on_close", "_parts", "_waiter", "buffer", "busy_since", "closed",
+        "direct", "epoch", "id", "limit", "opened_at", "pending", "positions", "principal",
+        "streams",
+    )
+
+    def __init__(
+        self, principal: Principal, streams: list[str], *, limit: int, epoch: str = ""
+    ) -> None:
+        self.id = f"c{next(_ids):x}{int(time.time() * 1000):x}"
+        self.principal = principal
+        self.streams = streams
+        self.limit = limit
+        self.epoch = epoch
+        self.positions: dict[str, int] = {}
+        self._hashes = {s: cursors.stream_hash(s) for s in streams}
+        self._index = {s: i for i, s in enumerate(streams)}
+        self._parts = [h + "0" for h in self._hashes.values()]
+        self.buffer: deque[bytes] = deque()
+        self.direct: Callable[[bytes], None] | None = None
+        self.pending: list[Event] | None = []  # live events held while history replays
+        self.closed: CloseReason | None = None
+        self.busy_since = 0.0
+        self.opened_at = time.monotonic()
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_close: list[Callable[[CloseReason], None]] = []
+
+    @property
+    def tenant(self) -> str:
+        return self.principal.tenant
+
+    @property
+    def user_id(self) -> str:
+        return self.principal.user_id
+
+    # -- position -----------------------------------------------------------
+
+    def stream_hash(self, stream: str) -> str:
+        return self._hashes[stream]
+
+    def set_position(self, stream: str, seq: int) -> None:
+        self.positions[stream] = seq
+        self._parts[self._index[stream]] = cursors.part(self._hashes[stream], seq)
+
+    def cursor(self) -> str:
+        return cursors.encode(self.epoch, self._parts)
+
+    # -- delivery -----------------------------------------------------------
+
+    def offer(self, event: Event) -> bool:
+        """Deliver `event` unless this connection already has it; never waits."""
+        if self.pending is not None:
+            self.pending.append(event)
+            return False
+        return self.deliver(event)
+
+    def deliver(self, event: Event, *, force: bool = False) -> bool:
+        positions = self.positions
+        fresh = None
+        for stream, seq in event.streams:
+            pos = positions.get(stream)
+            if pos is not None and seq > pos:
+                positions[stream] = seq
+                self._parts[self._index[stream]] = self._hashes[stream] + format(seq, "x")
+                fresh = stream
+        if fresh is None:
+            return False  # not ours, or a duplicate: positions make delivery exactly-once
+        self.push(self.frame(event, fresh), force=force)
+        return True
+
+    def frame(self, event: Event, stream: str) -> bytes:
+        raise NotImplementedError
+
+    def heartbeat_frame(self) -> bytes:
+        raise NotImplementedError
+
+    def push(self, frame: bytes, *, force: bool = False) -> None:
+        """Write now if the socket takes it, else buffer (bounded unless `force`)."""
+        if self.closed is not None:
+            return
+        if self.direct is not None and not self.buffer:
+            self.direct(frame)
+            return
+        if len(self.buffer) >= self.limit and not force:
+            self.close(CloseReason.SLOW)
+            return
+        self.buffer.append(frame)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def heartbeat(self) -> None:
+        if not self.buffer:
+            self.push(self.heartbeat_frame())
+
+    # -- draining (used by transports that pump instead of writing directly) --
+
+    async def wait(self) -> None:
+        """Until there is something to write or the connection is closed."""
+        while not self.buffer and self.closed is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def drain(self) -> list[bytes]:
+        frames = list(self.buffer)
+        self.buffer.clear()
+        return frames
+
+    # -- closing ------------------------------------------------------------
+
+    def on_close(self, callback: Callable[[CloseReason], None]) -> None:
+        self._on_close.append(callback)
+
+    def close(self, reason: CloseReason) -> None:
+        """Mark closed and tell the transport; idempotent. The broker detaches later."""
+        if self.closed is not None:
+            return
+        self.closed = reason
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback(reason)
+
+
+class SSEConnection(Connection):
+    __slots__ = ()
+
+    def frame(self, event: Event, stream: str) -> bytes:
+        return b"id: " + self.cursor().encode() + b"\n" + event.sse_body
+
+    def heartbeat_frame(self) -> bytes:
+        return wire.PING
+
+
+class WSConnection(Connection):
+    __slots__ = ()
+
+    def frame(self, event: Event, stream: str) -> bytes:
+        head, tail = event.ws_parts(stream)
+        return head + self.cursor().encode() + tail
+
+    def heartbeat_frame(self) -> bytes:
+        return wire.ws_message("ping").encode()

@@ -1,0 +1,130 @@
+"""What flows through tidings: an `Event` on one or more streams, and close reasons.
+
+A stream is named inside its tenant: ``u:<user>`` (a user's personal stream),
+``t:<topic>``, or ``b`` (the tenant's broadcast). The backend gives an event
+its position (`seq`, 1, 2, 3 … per stream) in each stream it is published on.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from . import wire
+
+BROADCAST = "b"
+
+
+def user_stream(user_id: str) -> str:
+    return "u:" + user_id
+
+
+def topic_stream(topic: str) -> str:
+    return "t:" + topic
+
+
+def stream_key(tenant: str, stream: str) -> str:
+    """Process-wide key of a stream; tenants are walls, so the tenant is part of it."""
+    return tenant + "\x1f" + stream
+
+
+class Event:
+    """One published event. Encodings are built once, lazily, and shared by every recipient."""
+
+    __slots__ = ("_sse", "_ws", "data", "id", "name", "streams", "tenant", "ts")
+
+    def __init__(
+        self,
+        id: str,
+        tenant: str,
+        name: str,
+        data: Any,
+        streams: tuple[tuple[str, int], ...],
+        ts: float | None = None,
+    ) -> None:
+        self.id = id
+        self.tenant = tenant
+        self.name = name
+        self.data = data
+        self.streams = streams
+        self.ts = time.time() if ts is None else ts
+        self._sse: bytes | None = None
+        self._ws: dict[str, tuple[bytes, bytes]] | None = None
+
+    @property
+    def sse_body(self) -> bytes:
+        """`event:`/`data:` lines; each connection prepends its own `id:` line."""
+        if self._sse is None:
+            self._sse = wire.sse_body(self.name, self.data)
+        return self._sse
+
+    def ws_parts(self, stream: str) -> tuple[bytes, bytes]:
+        """The WebSocket frame split around its per-connection `id`.
+
+        A connection's frame is ``head + cursor + tail``; the cursor is ASCII
+        without quotes, so it can be spliced into the JSON as-is.
+        """
+        if self._ws is None:
+            self._ws = {}
+        parts = self._ws.get(stream)
+        if parts is None:
+            message: dict[str, Any] = {"type": "event", "id": "\x00", "event": self.name}
+            if stream.startswith("t:"):
+                message["topic"] = stream[2:]
+            message["data"] = self.data
+            message["timestamp"] = wire.timestamp()
+            head, tail = orjson.dumps(message).split(b"\x00", 1)
+            parts = self._ws[stream] = (head, tail)
+        return parts
+
+    def seq_in(self, stream: str) -> int:
+        for name, seq in self.streams:
+            if name == stream:
+                return seq
+        return 0
+
+    def to_json(self) -> bytes:
+        """The form backends store and ship between instances."""
+        return orjson.dumps(
+            {"id": self.id, "tenant": self.tenant, "name": self.name, "data": self.data,
+             "streams": self.streams, "ts": self.ts}
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Event:
+        obj = orjson.loads(raw)
+        streams = tuple((str(s), int(q)) for s, q in obj["streams"])
+        return cls(obj["id"], obj["tenant"], obj["name"], obj["data"], streams, obj["ts"])
+
+    def __repr__(self) -> str:
+        return f"Event({self.id!r}, tenant={self.tenant!r}, name={self.name!r}, streams={self.streams!r})"
+
+
+class CloseReason(Enum):
+    """Why the server closed a connection: (WebSocket close code, text, reconnect?).
+
+    Codes 4000-4499 mean "reconnect and resume"; 4500+ mean "do not reconnect
+    as-is". SSE has no close code, so SSE clients just reconnect.
+    """
+
+    SLOW = (4008, "slow consumer: buffer overflow", True)
+    SHUTDOWN = (1001, "server shutting down", True)
+    DISCONNECTED = (4009, "disconnected by the server", True)
+    TIMEOUT = (4010, "client timeout", True)
+    UNAUTHORIZED = (4401, "unauthorized", False)
+    CLIENT = (1000, "closed by the client", False)
+
+    @property
+    def code(self) -> int:
+        return self.value[0]
+
+    @property
+    def text(self) -> str:
+        return self.value[1]
+
+    @property
+    def reconnect(self) -> bool:
+        return self.value[2]

@@ -1,0 +1,264 @@
+"""The Hub: the one place events enter tidings.
+
+HTTP publishing, the in-process API of an embedding app and event-bus ingest
+all come here: the hub validates, authorises, applies idempotency keys and
+hands the event to the backend, which fans it out through every instance's
+broker. It also owns the lifecycle (start/stop) and the periodic chores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .auth import Principal
+from .topics import TopicPatterns, valid_topic
+from .backends.base import Backend, create_backend
+from .broker import Broker
+from .config import Settings
+from .errors import Forbidden, InvalidRequest
+from .event import BROADCAST, CloseReason, topic_stream, user_stream
+
+log = logging.getLogger("tidings.hub")
+
+MAX_USERS_PER_MESSAGE = 1000
+MAX_TOPICS_PER_MESSAGE = 100
+MAX_ID_LEN = 128
+_EVENT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
+
+
+def new_event_id() -> str:
+    """Time-ordered, unique: 12 hex digits of milliseconds + 10 random."""
+    return f"{int(time.time() * 1000):012x}{os.urandom(5).hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One validated publish request (API.md §6)."""
+
+    tenant: str = ""
+    users: tuple[str, ...] = ()
+    topics: tuple[str, ...] = ()
+    broadcast: bool = False
+    event: str = "message"
+    data: Any = None
+    idempotency_key: str | None = None
+
+    def streams(self) -> list[str]:
+        streams = [user_stream(u) for u in self.users]
+        streams += [topic_stream(t) for t in self.topics]
+        if self.broadcast:
+            streams.append(BROADCAST)
+        return streams
+
+
+def _strings(body: dict[str, Any], key: str, limit: int) -> tuple[str, ...]:
+    value = body.get(key) or []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidRequest(f"`{key}` must be a list of non-empty strings")
+    if len(value) > limit:
+        raise InvalidRequest(f"`{key}` may name at most {limit} entries")
+    return tuple(dict.fromkeys(value))  # de-duplicated, order kept
+
+
+def parse_message(body: Any, *, tenant: str | None = None) -> Message:
+    """Validate a publish body; `tenant` fills in a missing `tenant` field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    users = _strings(body, "users", MAX_USERS_PER_MESSAGE)
+    topics = _strings(body, "topics", MAX_TOPICS_PER_MESSAGE)
+    broadcast = body.get("broadcast", False)
+    if not isinstance(broadcast, bool):
+        raise InvalidRequest("`broadcast` must be true or false")
+    if not (users or topics or broadcast):
+        raise InvalidRequest("name at least one target: `users`, `topics` or `broadcast: true`")
+    if any(len(u) > MAX_ID_LEN for u in users):
+        raise InvalidRequest(f"user ids are at most {MAX_ID_LEN} characters")
+    for topic in topics:
+        if not valid_topic(topic):
+            raise InvalidRequest(
+                f"bad topic name {topic[:50]!r}: 1-200 of A-Z a-z 0-9 _ - . : / @, not starting with $"
+            )
+    name = body.get("event", "message")
+    if not isinstance(name, str) or not name or len(name) > 64 or not set(name) <= _EVENT_NAME_CHARS:
+        raise InvalidRequest("`event` must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+    body_tenant = body.get("tenant", tenant if tenant is not None else "")
+    if body_tenant is None:
+        body_tenant = ""
+    if not isinstance(body_tenant, str) or len(body_tenant) > MAX_ID_LEN:
+        raise InvalidRequest(f"`tenant` must be a string of at most {MAX_ID_LEN} characters")
+    key = body.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
+        raise InvalidRequest("`idempotency_key` must be a string of 1-200 characters")
+    return Message(body_tenant, users, topics, broadcast, name, body.get("data"), key)
+
+
+def authorize(message: Message, principal: Principal) -> None:
+    """API keys publish anywhere; JWT publishers only inside their tenant and rights."""
+    if principal.is_server:
+        return
+    if not principal.publish:
+        raise Forbidden("this token may not publish")
+    if message.tenant != principal.tenant:
+        raise Forbidden("a token publishes only in its own tenant")
+    if principal.publish is not True and (message.users or message.broadcast):
+        raise Forbidden("this token may publish only to its topics")
+    if not principal.may_publish(message.topics):
+        raise Forbidden("this token may not publish to one of these topics")
+
+
+class Hub:
+    """Publish to users, topics and tenants, in process or for the HTTP API."""
+
+    def __init__(self, settings: Settings | None = None, backend: Backend | None = None) -> None:
+        self.settings = settings or Settings()
+        self.backend = backend or create_backend(
+            self.settings.broker_url,
+            history_size=self.settings.history_size,
+            history_ttl=self.settings.history_ttl,
+        )
+        self.broker = Broker(self.backend)
+        self.public_topics = TopicPatterns(self.settings.public_topics)
+        self.started_at = time.monotonic()
+        self.running = False
+        self._chores: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        await self.backend.connect(self.broker.dispatch)
+        self.running = True
+        self.started_at = time.monotonic()
+        self._chores = asyncio.create_task(self._run_chores(), name="tidings-chores")
+
+    async def stop(self) -> None:
+        if not self.running:
+            return
+        self.running = False
+        self.broker.close_all(CloseReason.SHUTDOWN)
+        if self._chores is not None:
+            self._chores.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._chores
+        await self.backend.close()
+
+    async def __aenter__(self) -> Hub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _run_chores(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.broker.heartbeat()
+            self.broker.close_stalled(self.settings.client_timeout)
+            sweep = getattr(self.backend, "sweep", None)
+            if sweep is not None:
+                sweep()
+
+    # -- publishing -----------------------------------------------------------
+
+    async def publish_message(self, message: Message) -> str:
+        """Publish one validated message; returns its event id (the first one, on a retry)."""
+        event_id = new_event_id()
+        claim = None
+        if message.idempotency_key is not None:
+            claim = f"idem\x1f{message.tenant}\x1f{message.idempotency_key}"
+            earlier = await self.backend.claim(claim, event_id, self.settings.idempotency_ttl)
+            if earlier is not None:
+                return earlier
+        try:
+            await self.backend.publish(
+                message.tenant, message.streams(), message.event, message.data, event_id
+            )
+        except BaseException:
+            if claim is not None:
+                await self.backend.release(claim)
+            raise
+        self.broker.stats.published += 1
+        return event_id
+
+    async def publish(
+        self,
+        *,
+        tenant: str = "",
+        users: Iterable[str] = (),
+        topics: Iterable[str] = (),
+        broadcast: bool = False,
+        event: str = "message",
+        data: Any = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        body = {
+            "tenant": tenant, "users": list(users), "topics": list(topics), "broadcast": broadcast,
+            "event": event, "data": data, "idempotency_key": idempotency_key,
+        }
+        return await self.publish_message(parse_message(body))
+
+    async def send_to_user(
+        self, user_id: str, data: Any, *, event: str = "message", tenant: str = "", **kw: Any
+    ) -> str:
+        return await self.publish(tenant=tenant, users=[user_id], event=event, data=data, **kw)
+
+    async def send_to_users(
+        self, user_ids: Sequence[str], data: Any, *, event: str = "message", tenant: str = "",
+        **kw: Any,
+    ) -> str:
+        return await self.publish(tenant=tenant, users=user_ids, event=event, data=data, **kw)
+
+    async def send_to_topic(
+        self, topic: str, data: Any, *, event: str = "message", tenant: str = "", **kw: Any
+    ) -> str:
+        return await self.publish(tenant=tenant, topics=[topic], event=event, data=data, **kw)
+
+    async def broadcast(
+        self, data: Any, *, event: str = "message", tenant: str = "", **kw: Any
+    ) -> str:
+        return await self.publish(tenant=tenant, broadcast=True, event=event, data=data, **kw)
+
+    # -- subscriptions ---------------------------------------------------------
+
+    def may_subscribe(self, principal: Principal, topic: str) -> bool:
+        return valid_topic(topic) and principal.may_subscribe(topic, self.public_topics)
+
+    def streams_for(self, principal: Principal, topics: Sequence[str]) -> list[str]:
+        """A connection's streams: personal, tenant broadcast, then its topics."""
+        return [user_stream(principal.user_id), BROADCAST] + [topic_stream(t) for t in topics]
+
+    # -- presence and stats ----------------------------------------------------
+
+    def is_online(self, user_id: str, tenant: str = "") -> bool:
+        return bool(self.broker.user_connections(tenant, user_id))
+
+    def online_users(self, tenant: str = "") -> list[str]:
+        return sorted(user for _, user in self.broker.users(tenant))
+
+    def disconnect_user(self, user_id: str, tenant: str = "") -> int:
+        conns = self.broker.user_connections(tenant, user_id)
+        return self.broker.close_all(CloseReason.DISCONNECTED, conns)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.broker.stats
+        return {
+            "connections": len(self.broker.connections),
+            "users": len(self.broker.users()),
+            "topics": self.broker.topic_count(),
+            "running": self.running,
+            "messages_published": s.published,
+            "messages_delivered": s.delivered,
+            "messages_dropped": s.dropped,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+        }

@@ -1,0 +1,73 @@
+"""HTTP helpers shared by the routes: JSON answers, errors, bodies, credentials."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+
+from ..auth import Principal
+from ..errors import InvalidRequest, PayloadTooLarge, TidingsError, Unauthorized
+from .state import State
+
+log = logging.getLogger("tidings.http")
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(exc: TidingsError) -> JSONResponse:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def state(conn: HTTPConnection) -> State:
+    found: State = conn.app.state.tidings
+    return found
+
+
+async def principal(conn: HTTPConnection) -> Principal:
+    """The caller's identity (JWT, API key, or the app's own authenticator)."""
+    return await state(conn).authenticator.authenticate(
+        conn.headers, conn.query_params, conn.cookies
+    )
+
+
+async def server_or_user(conn: HTTPConnection) -> Principal:
+    who = await principal(conn)
+    if not who.user_id and not who.is_server:
+        raise Unauthorized("missing credential")
+    return who
+
+
+async def json_body(request: Request) -> Any:
+    """The request body as JSON, refusing more than TIDINGS_MAX_PAYLOAD bytes."""
+    limit = state(request).settings.max_payload
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is over {limit} bytes (TIDINGS_MAX_PAYLOAD)")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over {limit} bytes (TIDINGS_MAX_PAYLOAD)")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise InvalidRequest("the body is empty; send a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"malformed JSON: {exc}") from None

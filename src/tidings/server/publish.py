@@ -1,0 +1,60 @@
+"""`POST /api/v1/publish` and `/api/v1/publish/batch` (API.md §6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from ..errors import InvalidRequest
+from ..hub import Message, authorize, parse_message
+from .http import JSONResponse, json_body, server_or_user, state
+
+MAX_BATCH = 1000
+
+
+async def publish(request: Request) -> JSONResponse:
+    who = await server_or_user(request)
+    body = await json_body(request)
+    message = _message(body, who.is_server, who.tenant)
+    authorize(message, who)
+    hub = state(request).hub
+    if not hub.running:
+        await hub.start()
+    return JSONResponse({"id": await hub.publish_message(message)}, status_code=202)
+
+
+async def publish_batch(request: Request) -> JSONResponse:
+    who = await server_or_user(request)
+    body = await json_body(request)
+    items = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest("`messages` must be a non-empty list")
+    if len(items) > MAX_BATCH:
+        raise InvalidRequest(f"a batch holds at most {MAX_BATCH} messages")
+    messages = []
+    for index, item in enumerate(items):  # all valid and allowed, or nothing is published
+        try:
+            message = _message(item, who.is_server, who.tenant)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"messages[{index}]: {exc.message}") from None
+        authorize(message, who)
+        messages.append(message)
+    hub = state(request).hub
+    if not hub.running:
+        await hub.start()
+    ids = [await hub.publish_message(m) for m in messages]
+    return JSONResponse({"ids": ids}, status_code=202)
+
+
+def _message(body: Any, is_server: bool, tenant: str) -> Message:
+    # A user's tenant is its own; a missing `tenant` means it. An API key
+    # names the tenant in the body (default: the default tenant "").
+    return parse_message(body, tenant=None if is_server else tenant)
+
+
+routes = [
+    Route("/api/v1/publish", publish, methods=["POST"]),
+    Route("/api/v1/publish/batch", publish_batch, methods=["POST"]),
+]

@@ -1,0 +1,55 @@
+"""`tidings serve`: run the app under uvicorn (uvloop + httptools)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from ..auth import mint_token
+from ..config import Settings
+from ..logs import configure
+from .app import create_app
+
+log = logging.getLogger("tidings.serve")
+
+
+def serve(settings: Settings) -> None:
+    """Check the settings, print the dev hints, and serve until stopped."""
+    settings = settings.with_dev_secret()
+    settings.check_startup()
+    configure(settings.log_level, settings.log_format)
+    if settings.dev_mode:
+        _dev_hint(settings)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=int(settings.shutdown_timeout) or None,
+        backlog=4096,
+    )
+    uvicorn.Server(config).run()
+
+
+def _dev_hint(settings: Settings) -> None:
+    secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else ""
+    example = mint_token(secret, "alice", ttl_s=3600)
+    log.warning(
+        "dev mode: no TIDINGS_JWT_SECRET set, so a local one is kept in %s. "
+        "Mint tokens with: tidings token --user alice",
+        settings.dev_secret_path(),
+    )
+    print(
+        f"\n  tidings on http://{settings.host}:{settings.port}\n"
+        f"  token for alice (1 h): {example}\n"
+        f"  stream:  curl -N http://{settings.host}:{settings.port}/api/v1/stream "
+        f"-H 'Authorization: Bearer <token>'\n",
+        file=sys.stderr,
+        flush=True,
+    )

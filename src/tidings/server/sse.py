@@ -1,0 +1,108 @@
+"""The SSE endpoint on plain ASGI: checks before the 200, then one pump per connection.
+
+The pump waits on the connection's buffer and writes everything buffered in
+one `send`; a second task only listens for the client's disconnect. Fan-out
+itself never waits on a socket (see `Connection.offer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from starlette.requests import HTTPConnection
+
+from .. import wire
+from ..connection import SSEConnection
+from ..errors import TidingsError
+from ..event import CloseReason
+from ..types import Receive, Scope, Send
+from .http import error_response, principal, state
+from .streams import check_capacity, requested_topics, subscriber
+
+log = logging.getLogger("tidings.sse")
+
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+    (b"connection", b"keep-alive"),
+]
+
+
+class SSEEndpoint:
+    """ASGI app for `GET /api/v1/stream` and its seed aliases."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = HTTPConnection(scope)
+        st = state(request)
+        try:
+            who = await principal(request)
+            subscriber(who)
+            topics = requested_topics(st, who, request.query_params)
+            check_capacity(st, who)
+            if not st.hub.running:
+                await st.hub.start()
+            unread = await st.unread_count(who)
+        except TidingsError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        conn = SSEConnection(
+            who, st.hub.streams_for(who, topics), limit=st.settings.client_buffer_size
+        )
+        broker = st.hub.broker
+        resumption = await broker.attach(conn, wire.last_event_id(request.headers, request.query_params))
+        listener = asyncio.ensure_future(_until_disconnect(receive, conn))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            welcome = {
+                "connection_id": conn.id, "user_id": who.user_id, "tenant": who.tenant,
+                "topics": topics, "unread_count": unread,
+                "heartbeat_interval": st.settings.heartbeat_interval,
+            }
+            conn.push(wire.sse_retry(st.settings.retry_ms), force=True)
+            conn.push(wire.sse_frame(conn.cursor(), "welcome", welcome), force=True)
+            if resumption.reset is not None:
+                conn.push(wire.sse_frame(conn.cursor(), "reset", {"reason": resumption.reset}),
+                          force=True)
+            broker.release(conn, resumption)
+            log.debug("sse open %s user=%r tenant=%r topics=%s", conn.id, who.user_id, who.tenant, topics)
+            await _pump(conn, send)
+            if conn.closed is CloseReason.SHUTDOWN:
+                # Tell the client to come back soon; another instance will resume it.
+                with contextlib.suppress(OSError):
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": wire.sse_retry(1000) + wire.sse_frame(
+                                    None, "shutdown", {"reason": "server shutting down"})})
+        finally:
+            listener.cancel()
+            broker.detach(conn)
+            log.debug("sse close %s reason=%s", conn.id, conn.closed.name if conn.closed else "-")
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _pump(conn: SSEConnection, send: Send) -> None:
+    while True:
+        await conn.wait()
+        if conn.buffer:
+            body = b"".join(conn.drain())
+            conn.busy_since = time.monotonic()
+            try:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            except OSError:
+                conn.close(CloseReason.CLIENT)
+                return
+            conn.busy_since = 0.0
+        if conn.closed is not None:
+            return
+
+
+async def _until_disconnect(receive: Receive, conn: SSEConnection) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            conn.close(CloseReason.CLIENT)
+            return
