@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,7 +36,7 @@ class Client:
 
     def read(self) -> list[tuple[str, object]]:
         for frame in self.conn.drain():
-            self.events += [(e.event, e.json()) for e in self.parser.feed(frame)]
+            self.events += [(e.event, _value(e.data)) for e in self.parser.feed(frame)]
         return self.events
 
     @property
@@ -45,6 +46,14 @@ class Client:
 
     def close(self) -> None:
         self.hub.broker.detach(self.conn)
+
+
+def _value(data: str) -> object:
+    # String payloads travel as-is, everything else as JSON.
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data
 
 
 @pytest.fixture
@@ -135,7 +144,7 @@ async def test_detach_leaves_no_trace(hub: Hub) -> None:
         c.close()
     assert hub.broker.connections == {}
     assert hub.broker._readers == {}
-    del clients
+    del clients, c
     gc.collect()
     assert all(r() is None for r in refs)
 

@@ -30,7 +30,7 @@ class Connection:
     __slots__ = (
         "_hashes", "_index", "_on_close", "_parts", "_waiter", "buffer", "busy_since", "closed",
         "direct", "epoch", "id", "limit", "opened_at", "pending", "positions", "principal",
-        "streams",
+        "streams", "__weakref__",
     )
 
     def __init__(

@@ -17,6 +17,11 @@ from . import wire
 
 BROADCAST = "b"
 
+# Event kinds: how a WebSocket frames them (SSE frames all alike).
+EVENT = "event"  # published through the API or the hub
+NOTIFICATION = "notification"  # an inbox record pushed to its recipient
+SYNC = "sync"  # notification.read / notification.deleted across a user's devices
+
 
 def user_stream(user_id: str) -> str:
     return "u:" + user_id
@@ -34,7 +39,7 @@ def stream_key(tenant: str, stream: str) -> str:
 class Event:
     """One published event. Encodings are built once, lazily, and shared by every recipient."""
 
-    __slots__ = ("_sse", "_ws", "data", "id", "name", "streams", "tenant", "ts")
+    __slots__ = ("_sse", "_ws", "data", "id", "kind", "name", "streams", "tenant", "ts")
 
     def __init__(
         self,
@@ -44,8 +49,10 @@ class Event:
         data: Any,
         streams: tuple[tuple[str, int], ...],
         ts: float | None = None,
+        kind: str = EVENT,
     ) -> None:
         self.id = id
+        self.kind = kind
         self.tenant = tenant
         self.name = name
         self.data = data
@@ -71,14 +78,25 @@ class Event:
             self._ws = {}
         parts = self._ws.get(stream)
         if parts is None:
-            message: dict[str, Any] = {"type": "event", "id": "\x00", "event": self.name}
-            if stream.startswith("t:"):
-                message["topic"] = stream[2:]
-            message["data"] = self.data
-            message["timestamp"] = wire.timestamp()
-            head, tail = orjson.dumps(message).split(b"\x00", 1)
+            head, tail = orjson.dumps(self._ws_message(stream)).split(b"\x00", 1)
             parts = self._ws[stream] = (head, tail)
         return parts
+
+    def _ws_message(self, stream: str) -> dict[str, Any]:
+        # API.md §5: inbox records travel as `notification`, read/delete sync as
+        # its own type, everything else as `event`. "\x00" marks the cursor's place.
+        if self.kind == NOTIFICATION and isinstance(self.data, dict):
+            record = {k: v for k, v in self.data.items() if k != "unread_count"}
+            return {"type": "notification", "id": "\x00", "notification": record,
+                    "unread_count": self.data.get("unread_count"), "timestamp": wire.timestamp()}
+        if self.kind == SYNC and isinstance(self.data, dict):
+            return {"type": self.name, "id": "\x00", **self.data, "timestamp": wire.timestamp()}
+        message: dict[str, Any] = {"type": "event", "id": "\x00", "event": self.name}
+        if stream.startswith("t:"):
+            message["topic"] = stream[2:]
+        message["data"] = self.data
+        message["timestamp"] = wire.timestamp()
+        return message
 
     def seq_in(self, stream: str) -> int:
         for name, seq in self.streams:
@@ -90,14 +108,17 @@ class Event:
         """The form backends store and ship between instances."""
         return orjson.dumps(
             {"id": self.id, "tenant": self.tenant, "name": self.name, "data": self.data,
-             "streams": self.streams, "ts": self.ts}
+             "streams": self.streams, "ts": self.ts, "kind": self.kind}
         )
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Event:
         obj = orjson.loads(raw)
         streams = tuple((str(s), int(q)) for s, q in obj["streams"])
-        return cls(obj["id"], obj["tenant"], obj["name"], obj["data"], streams, obj["ts"])
+        return cls(
+            obj["id"], obj["tenant"], obj["name"], obj["data"], streams, obj["ts"],
+            obj.get("kind", EVENT),
+        )
 
     def __repr__(self) -> str:
         return f"Event({self.id!r}, tenant={self.tenant!r}, name={self.name!r}, streams={self.streams!r})"

@@ -23,7 +23,7 @@ from .backends.base import Backend, create_backend
 from .broker import Broker
 from .config import Settings
 from .errors import Forbidden, InvalidRequest
-from .event import BROADCAST, CloseReason, topic_stream, user_stream
+from .event import BROADCAST, EVENT, CloseReason, Event, topic_stream, user_stream
 
 log = logging.getLogger("tidings.hub")
 
@@ -181,15 +181,25 @@ class Hub:
             if earlier is not None:
                 return earlier
         try:
-            await self.backend.publish(
-                message.tenant, message.streams(), message.event, message.data, event_id
-            )
+            await self.emit(message.tenant, message.streams(), message.event, message.data,
+                            event_id=event_id)
         except BaseException:
             if claim is not None:
                 await self.backend.release(claim)
             raise
-        self.broker.stats.published += 1
         return event_id
+
+    async def emit(
+        self, tenant: str, streams: Sequence[str], name: str, data: Any, *,
+        kind: str = EVENT, event_id: str | None = None,
+    ) -> Event:
+        """Publish on raw stream names, unchecked: the building block of the methods above
+        and of the inbox's pushes (``kind`` NOTIFICATION or SYNC)."""
+        event = await self.backend.publish(
+            tenant, streams, name, data, event_id or new_event_id(), kind
+        )
+        self.broker.stats.published += 1
+        return event
 
     async def publish(
         self,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ..event import Event
+from ..event import EVENT, Event
 
 EventCallback = Callable[[Event], None]
 
@@ -30,7 +30,8 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
     async def publish(
-        self, tenant: str, streams: Sequence[str], name: str, data: Any, event_id: str
+        self, tenant: str, streams: Sequence[str], name: str, data: Any, event_id: str,
+        kind: str = EVENT,
     ) -> Event:
         """Append to each stream's history and deliver to every instance."""
         ...

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..event import Event, stream_key
+from ..event import EVENT, Event, stream_key
 from .base import EventCallback
 
 
@@ -55,11 +55,12 @@ class MemoryBackend:
         return None
 
     async def publish(
-        self, tenant: str, streams: Sequence[str], name: str, data: Any, event_id: str
+        self, tenant: str, streams: Sequence[str], name: str, data: Any, event_id: str,
+        kind: str = EVENT,
     ) -> Event:
         self._seq += 1
         seq = self._seq
-        event = Event(event_id, tenant, name, data, tuple((s, seq) for s in streams))
+        event = Event(event_id, tenant, name, data, tuple((s, seq) for s in streams), kind=kind)
         if self._size > 0:
             for stream in streams:
                 self._append(stream_key(tenant, stream), seq, event)
