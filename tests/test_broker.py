@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from tidings.auth import Principal
 from tidings.backends.memory import MemoryBackend
-from tidings.broker import Broker
 from tidings.connection import SSEConnection
 from tidings.event import CloseReason
 from tidings.hub import Hub
@@ -160,10 +159,15 @@ async def test_users_and_presence(hub: Hub) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.one_of(
-    st.tuples(st.just("publish"), st.sampled_from(["u", "t1", "t2", "b", "u+t1"])),
-    st.tuples(st.just("reconnect"), st.booleans()),
-), max_size=40))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("publish"), st.sampled_from(["u", "t1", "t2", "b", "u+t1"])),
+            st.tuples(st.just("reconnect"), st.booleans()),
+        ),
+        max_size=40,
+    )
+)
 async def test_property_resume_never_loses_or_duplicates(steps: list[tuple[str, object]]) -> None:
     hub = Hub()
     await hub.start()

@@ -26,8 +26,17 @@ def test_any_positions_round_trip_within_limit(streams: dict[str, int]) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "ep.", "ep.abc", "ep.abcdef", "ep.ABCDEF1", "ep.abcdefxyz", "ep.abcdef-1", "bad epoch.x",
-     "e." + "abcdef1." * 200],
+    [
+        "",
+        "ep.",
+        "ep.abc",
+        "ep.abcdef",
+        "ep.ABCDEF1",
+        "ep.abcdefxyz",
+        "ep.abcdef-1",
+        "bad epoch.x",
+        "e." + "abcdef1." * 200,
+    ],
 )
 def test_garbled_cursors_are_refused(bad: str) -> None:
     with pytest.raises(cursor.CursorError):

@@ -36,7 +36,11 @@ def test_parser_reassembles_any_chunking(size: int) -> None:
     ).replace(b"\n", b"\r\n")
     parser = wire.SSEParser()
     events = [e for i in range(0, len(stream), size) for e in parser.feed(stream[i : i + size])]
-    assert [(e.event, e.id) for e in events] == [("retry", None), ("welcome", "c1"), ("message", "c2")]
+    assert [(e.event, e.id) for e in events] == [
+        ("retry", None),
+        ("welcome", "c1"),
+        ("message", "c2"),
+    ]
     assert events[0].retry == 1500
     assert events[1].json() == {"user_id": "张三"}
     assert events[2].data == "多行\n文本"

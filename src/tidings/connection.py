@@ -28,9 +28,24 @@ class Connection:
     """Base of the SSE and WebSocket connections; subclasses only frame events."""
 
     __slots__ = (
-        "_hashes", "_index", "_on_close", "_parts", "_waiter", "buffer", "busy_since", "closed",
-        "direct", "epoch", "id", "limit", "opened_at", "pending", "positions", "principal",
-        "streams", "__weakref__",
+        "__weakref__",
+        "_hashes",
+        "_index",
+        "_on_close",
+        "_parts",
+        "_waiter",
+        "buffer",
+        "busy_since",
+        "closed",
+        "direct",
+        "epoch",
+        "id",
+        "limit",
+        "opened_at",
+        "pending",
+        "positions",
+        "principal",
+        "streams",
     )
 
     def __init__(

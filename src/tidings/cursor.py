@@ -19,7 +19,7 @@ import re
 HASH_LEN = 6
 MAX_LEN = 1024
 _EPOCH = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_TOKEN = re.compile(r"^[a-z2-7]{%d}[0-9a-f]{1,16}$" % HASH_LEN)
+_TOKEN = re.compile(rf"^[a-z2-7]{{{HASH_LEN}}}[0-9a-f]{{1,16}}$")
 
 
 class CursorError(ValueError):

@@ -87,8 +87,13 @@ class Event:
         # its own type, everything else as `event`. "\x00" marks the cursor's place.
         if self.kind == NOTIFICATION and isinstance(self.data, dict):
             record = {k: v for k, v in self.data.items() if k != "unread_count"}
-            return {"type": "notification", "id": "\x00", "notification": record,
-                    "unread_count": self.data.get("unread_count"), "timestamp": wire.timestamp()}
+            return {
+                "type": "notification",
+                "id": "\x00",
+                "notification": record,
+                "unread_count": self.data.get("unread_count"),
+                "timestamp": wire.timestamp(),
+            }
         if self.kind == SYNC and isinstance(self.data, dict):
             return {"type": self.name, "id": "\x00", **self.data, "timestamp": wire.timestamp()}
         message: dict[str, Any] = {"type": "event", "id": "\x00", "event": self.name}
@@ -107,8 +112,15 @@ class Event:
     def to_json(self) -> bytes:
         """The form backends store and ship between instances."""
         return orjson.dumps(
-            {"id": self.id, "tenant": self.tenant, "name": self.name, "data": self.data,
-             "streams": self.streams, "ts": self.ts, "kind": self.kind}
+            {
+                "id": self.id,
+                "tenant": self.tenant,
+                "name": self.name,
+                "data": self.data,
+                "streams": self.streams,
+                "ts": self.ts,
+                "kind": self.kind,
+            }
         )
 
     @classmethod
@@ -116,12 +128,17 @@ class Event:
         obj = orjson.loads(raw)
         streams = tuple((str(s), int(q)) for s, q in obj["streams"])
         return cls(
-            obj["id"], obj["tenant"], obj["name"], obj["data"], streams, obj["ts"],
+            obj["id"],
+            obj["tenant"],
+            obj["name"],
+            obj["data"],
+            streams,
+            obj["ts"],
             obj.get("kind", EVENT),
         )
 
     def __repr__(self) -> str:
-        return f"Event({self.id!r}, tenant={self.tenant!r}, name={self.name!r}, streams={self.streams!r})"
+        return f"Event({self.id!r}, {self.tenant!r}, {self.name!r}, streams={self.streams!r})"
 
 
 class CloseReason(Enum):

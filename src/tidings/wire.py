@@ -156,7 +156,7 @@ def last_event_id(headers: Mapping[str, str], query: Mapping[str, str]) -> str |
     value = headers.get("last-event-id") or query.get("last_event_id") or query.get("lastEventId")
     if not value:
         return None
-    return value[:MAX_LAST_EVENT_ID + 1]
+    return value[: MAX_LAST_EVENT_ID + 1]
 
 
 def split_list(value: str | None) -> list[str]:

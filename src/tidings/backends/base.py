@@ -30,7 +30,12 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
     async def publish(
-        self, tenant: str, streams: Sequence[str], name: str, data: Any, event_id: str,
+        self,
+        tenant: str,
+        streams: Sequence[str],
+        name: str,
+        data: Any,
+        event_id: str,
         kind: str = EVENT,
     ) -> Event:
         """Append to each stream's history and deliver to every instance."""

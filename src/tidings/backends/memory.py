@@ -55,7 +55,12 @@ class MemoryBackend:
         return None
 
     async def publish(
-        self, tenant: str, streams: Sequence[str], name: str, data: Any, event_id: str,
+        self,
+        tenant: str,
+        streams: Sequence[str],
+        name: str,
+        data: Any,
+        event_id: str,
         kind: str = EVENT,
     ) -> Event:
         self._seq += 1

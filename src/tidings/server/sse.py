@@ -53,29 +53,42 @@ class SSEEndpoint:
             who, st.hub.streams_for(who, topics), limit=st.settings.client_buffer_size
         )
         broker = st.hub.broker
-        resumption = await broker.attach(conn, wire.last_event_id(request.headers, request.query_params))
+        resumption = await broker.attach(
+            conn, wire.last_event_id(request.headers, request.query_params)
+        )
         listener = asyncio.ensure_future(_until_disconnect(receive, conn))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             welcome = {
-                "connection_id": conn.id, "user_id": who.user_id, "tenant": who.tenant,
-                "topics": topics, "unread_count": unread,
+                "connection_id": conn.id,
+                "user_id": who.user_id,
+                "tenant": who.tenant,
+                "topics": topics,
+                "unread_count": unread,
                 "heartbeat_interval": st.settings.heartbeat_interval,
             }
             conn.push(wire.sse_retry(st.settings.retry_ms), force=True)
             conn.push(wire.sse_frame(conn.cursor(), "welcome", welcome), force=True)
             if resumption.reset is not None:
-                conn.push(wire.sse_frame(conn.cursor(), "reset", {"reason": resumption.reset}),
-                          force=True)
+                conn.push(
+                    wire.sse_frame(conn.cursor(), "reset", {"reason": resumption.reset}), force=True
+                )
             broker.release(conn, resumption)
-            log.debug("sse open %s user=%r tenant=%r topics=%s", conn.id, who.user_id, who.tenant, topics)
+            log.debug(
+                "sse open %s user=%r tenant=%r topics=%s", conn.id, who.user_id, who.tenant, topics
+            )
             await _pump(conn, send)
             if conn.closed is CloseReason.SHUTDOWN:
                 # Tell the client to come back soon; another instance will resume it.
                 with contextlib.suppress(OSError):
-                    await send({"type": "http.response.body", "more_body": True,
-                                "body": wire.sse_retry(1000) + wire.sse_frame(
-                                    None, "shutdown", {"reason": "server shutting down"})})
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "more_body": True,
+                            "body": wire.sse_retry(1000)
+                            + wire.sse_frame(None, "shutdown", {"reason": "server shutting down"}),
+                        }
+                    )
         finally:
             listener.cancel()
             broker.detach(conn)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from ..auth import Principal
 from ..errors import Forbidden, InvalidRequest, OverCapacity
+from ..hub import TOPIC_RULE
 from ..topics import valid_topic
 from ..wire import split_list
 from .state import State
@@ -28,9 +29,7 @@ def requested_topics(state: State, principal: Principal, query: Mapping[str, str
 
 def check_topic(state: State, principal: Principal, topic: str) -> None:
     if not valid_topic(topic):
-        raise InvalidRequest(
-            f"bad topic name {topic[:50]!r}: 1-200 of A-Z a-z 0-9 _ - . : / @, not starting with $"
-        )
+        raise InvalidRequest(f"bad topic name {topic[:50]!r}: {TOPIC_RULE}")
     if not state.hub.may_subscribe(principal, topic):
         raise Forbidden(f"not allowed to subscribe to {topic!r}")
 
