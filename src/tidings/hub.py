@@ -18,18 +18,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from .auth import Principal
-from .topics import TopicPatterns, valid_topic
 from .backends.base import Backend, create_backend
 from .broker import Broker
 from .config import Settings
 from .errors import Forbidden, InvalidRequest
 from .event import BROADCAST, EVENT, CloseReason, Event, topic_stream, user_stream
+from .topics import TopicPatterns, valid_topic
 
 log = logging.getLogger("tidings.hub")
 
 MAX_USERS_PER_MESSAGE = 1000
 MAX_TOPICS_PER_MESSAGE = 100
 MAX_ID_LEN = 128
+TOPIC_RULE = "1-200 characters of A-Z a-z 0-9 _ - . : / @, not starting with $"
 _EVENT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
 
 
@@ -84,11 +85,14 @@ def parse_message(body: Any, *, tenant: str | None = None) -> Message:
         raise InvalidRequest(f"user ids are at most {MAX_ID_LEN} characters")
     for topic in topics:
         if not valid_topic(topic):
-            raise InvalidRequest(
-                f"bad topic name {topic[:50]!r}: 1-200 of A-Z a-z 0-9 _ - . : / @, not starting with $"
-            )
+            raise InvalidRequest(f"bad topic name {topic[:50]!r}: {TOPIC_RULE}")
     name = body.get("event", "message")
-    if not isinstance(name, str) or not name or len(name) > 64 or not set(name) <= _EVENT_NAME_CHARS:
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > 64
+        or not set(name) <= _EVENT_NAME_CHARS
+    ):
         raise InvalidRequest("`event` must be 1-64 characters of A-Z a-z 0-9 _ . : -")
     body_tenant = body.get("tenant", tenant if tenant is not None else "")
     if body_tenant is None:
@@ -181,8 +185,9 @@ class Hub:
             if earlier is not None:
                 return earlier
         try:
-            await self.emit(message.tenant, message.streams(), message.event, message.data,
-                            event_id=event_id)
+            await self.emit(
+                message.tenant, message.streams(), message.event, message.data, event_id=event_id
+            )
         except BaseException:
             if claim is not None:
                 await self.backend.release(claim)
@@ -190,8 +195,14 @@ class Hub:
         return event_id
 
     async def emit(
-        self, tenant: str, streams: Sequence[str], name: str, data: Any, *,
-        kind: str = EVENT, event_id: str | None = None,
+        self,
+        tenant: str,
+        streams: Sequence[str],
+        name: str,
+        data: Any,
+        *,
+        kind: str = EVENT,
+        event_id: str | None = None,
     ) -> Event:
         """Publish on raw stream names, unchecked: the building block of the methods above
         and of the inbox's pushes (``kind`` NOTIFICATION or SYNC)."""
@@ -213,8 +224,13 @@ class Hub:
         idempotency_key: str | None = None,
     ) -> str:
         body = {
-            "tenant": tenant, "users": list(users), "topics": list(topics), "broadcast": broadcast,
-            "event": event, "data": data, "idempotency_key": idempotency_key,
+            "tenant": tenant,
+            "users": list(users),
+            "topics": list(topics),
+            "broadcast": broadcast,
+            "event": event,
+            "data": data,
+            "idempotency_key": idempotency_key,
         }
         return await self.publish_message(parse_message(body))
 
@@ -224,7 +240,12 @@ class Hub:
         return await self.publish(tenant=tenant, users=[user_id], event=event, data=data, **kw)
 
     async def send_to_users(
-        self, user_ids: Sequence[str], data: Any, *, event: str = "message", tenant: str = "",
+        self,
+        user_ids: Sequence[str],
+        data: Any,
+        *,
+        event: str = "message",
+        tenant: str = "",
         **kw: Any,
     ) -> str:
         return await self.publish(tenant=tenant, users=user_ids, event=event, data=data, **kw)
