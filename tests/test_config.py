@@ -4,6 +4,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -153,7 +154,7 @@ def test_empty_env_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_settings_are_frozen() -> None:
     s = Settings.load()
     with pytest.raises(ValidationError):
-        s.port = 1  # type: ignore[misc]
+        s.port = 1
 
 
 # -- rules ---------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def test_settings_are_frozen() -> None:
         ({"colour": "blue"}, "TIDINGS_COLOUR is not a setting"),
     ],
 )
-def test_rules_name_the_key(overrides: dict[str, object], message: str) -> None:
+def test_rules_name_the_key(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.load(**overrides)
     assert message in str(caught.value)
