@@ -14,13 +14,13 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import cursor as cursors
 from .backends.base import Backend
 from .connection import Connection
-from .event import CloseReason, Event, stream_key, user_stream
+from .event import CONTROL, CloseReason, Event, stream_key, user_stream
 
 log = logging.getLogger("tidings.broker")
 
@@ -34,6 +34,13 @@ class Resumption:
 
 
 @dataclass(slots=True)
+class TenantCounts:
+    published: int = 0
+    delivered: int = 0
+    dropped: int = 0
+
+
+@dataclass(slots=True)
 class BrokerStats:
     published: int = 0
     delivered: int = 0
@@ -41,6 +48,7 @@ class BrokerStats:
     connects: int = 0
     disconnects: int = 0
     overflows: int = 0
+    disconnect_reasons: dict[str, int] = field(default_factory=dict)
 
 
 class Broker:
@@ -49,6 +57,8 @@ class Broker:
         self.stats = BrokerStats()
         self.connections: dict[str, Connection] = {}
         self._readers: dict[str, set[Connection]] = {}
+        self.latency_observer: Callable[[float], None] | None = None
+        self.tenant_counts: dict[str, TenantCounts] = {}
 
     # -- fan-out --------------------------------------------------------------
 
@@ -56,6 +66,9 @@ class Broker:
         """The backend's callback: offer `event` to every local reader, once each."""
         tenant = event.tenant
         streams = event.streams
+        if event.kind == CONTROL:
+            self._control(event)
+            return
         delivered = 0
         if len(streams) == 1:
             readers = self._readers.get(stream_key(tenant, streams[0][0]))
@@ -71,6 +84,20 @@ class Broker:
             for conn in seen:
                 delivered += conn.offer(event)
         self.stats.delivered += delivered
+        counts = self.tenant_counts.get(tenant)
+        if counts is None:
+            counts = self.tenant_counts[tenant] = TenantCounts()
+        counts.delivered += delivered
+        if self.latency_observer is not None:
+            self.latency_observer(time.time() - event.ts)
+
+    def _control(self, event: Event) -> None:
+        data = event.data if isinstance(event.data, dict) else {}
+        if event.name == "disconnect" and isinstance(data.get("user"), str):
+            conns = self.user_connections(event.tenant, data["user"])
+            self.close_all(CloseReason.DISCONNECTED, conns)
+        else:
+            log.warning("unknown control event %r ignored", event.name)
 
     # -- connections ----------------------------------------------------------
 
@@ -151,11 +178,16 @@ class Broker:
                     gone.append(key)
         if conn.closed is None:
             conn.close(CloseReason.CLIENT)
+        reason = conn.closed.name.lower() if conn.closed else "client"
+        reasons = self.stats.disconnect_reasons
+        reasons[reason] = reasons.get(reason, 0) + 1
         if conn.closed is CloseReason.SLOW:
             # The unsent frames are lost to this socket, not to the client:
             # its reconnect replays them from history.
             self.stats.overflows += 1
-            self.stats.dropped += len(conn.buffer) + 1
+            lost = len(conn.buffer) + 1
+            self.stats.dropped += lost
+            self.tenant_counts.setdefault(conn.tenant, TenantCounts()).dropped += lost
             conn.buffer.clear()
         if gone:
             task = asyncio.ensure_future(self.backend.unsubscribe(gone))
@@ -173,8 +205,13 @@ class Broker:
             if tenant is None or c.tenant == tenant
         }
 
-    def topic_count(self) -> int:
-        return sum(1 for key in self._readers if "\x1ft:" in key)
+    def topic_count(self, tenant: str | None = None) -> int:
+        prefix = "" if tenant is None else tenant + "\x1ft:"
+        return sum(
+            1
+            for key in self._readers
+            if ("\x1ft:" in key if tenant is None else key.startswith(prefix))
+        )
 
     def heartbeat(self) -> None:
         for conn in tuple(self.connections.values()):

@@ -21,7 +21,9 @@ BROADCAST = "b"
 EVENT = "event"  # published through the API or the hub
 NOTIFICATION = "notification"  # an inbox record pushed to its recipient
 SYNC = "sync"  # notification.read / notification.deleted across a user's devices
+CONTROL = "control"  # instructions to every instance's broker (e.g. disconnect a user)
 
+CONTROL_STREAM = "$ctl"  # reserved: `$` names cannot be topics or user streams
 
 def user_stream(user_id: str) -> str:
     return "u:" + user_id

@@ -19,10 +19,19 @@ from typing import Any
 
 from .auth import Principal
 from .backends.base import Backend, create_backend
-from .broker import Broker
+from .broker import Broker, TenantCounts
 from .config import Settings
 from .errors import Forbidden, InvalidRequest
-from .event import BROADCAST, EVENT, CloseReason, Event, topic_stream, user_stream
+from .event import (
+    BROADCAST,
+    CONTROL,
+    CONTROL_STREAM,
+    EVENT,
+    CloseReason,
+    Event,
+    topic_stream,
+    user_stream,
+)
 from .topics import TopicPatterns, valid_topic
 
 log = logging.getLogger("tidings.hub")
@@ -209,7 +218,9 @@ class Hub:
         event = await self.backend.publish(
             tenant, streams, name, data, event_id or new_event_id(), kind
         )
-        self.broker.stats.published += 1
+        if kind != CONTROL:
+            self.broker.stats.published += 1
+            self.broker.tenant_counts.setdefault(tenant, TenantCounts()).published += 1
         return event
 
     async def publish(
@@ -277,19 +288,36 @@ class Hub:
     def online_users(self, tenant: str = "") -> list[str]:
         return sorted(user for _, user in self.broker.users(tenant))
 
+    def connection_count(self, user_id: str, tenant: str = "") -> int:
+        return len(self.broker.user_connections(tenant, user_id))
+
     def disconnect_user(self, user_id: str, tenant: str = "") -> int:
+        """Close the user's connections on this instance (see `disconnect` for all)."""
         conns = self.broker.user_connections(tenant, user_id)
         return self.broker.close_all(CloseReason.DISCONNECTED, conns)
 
-    def stats(self) -> dict[str, Any]:
-        s = self.broker.stats
+    async def disconnect(self, user_id: str, tenant: str = "") -> int:
+        """Close the user's connections on every instance; returns how many there were."""
+        count = self.connection_count(user_id, tenant)
+        await self.emit(tenant, [CONTROL_STREAM], "disconnect", {"user": user_id}, kind=CONTROL)
+        return count
+
+    def stats(self, tenant: str | None = None) -> dict[str, Any]:
+        """Seed S1's GetStats; `tenant` None covers every tenant."""
+        broker = self.broker
+        if tenant is None:
+            counts: Any = broker.stats
+            connections = len(broker.connections)
+        else:
+            counts = broker.tenant_counts.get(tenant) or TenantCounts()
+            connections = sum(1 for c in broker.connections.values() if c.tenant == tenant)
         return {
-            "connections": len(self.broker.connections),
-            "users": len(self.broker.users()),
-            "topics": self.broker.topic_count(),
+            "connections": connections,
+            "users": len(broker.users(tenant)),
+            "topics": broker.topic_count(tenant),
             "running": self.running,
-            "messages_published": s.published,
-            "messages_delivered": s.delivered,
-            "messages_dropped": s.dropped,
+            "messages_published": counts.published,
+            "messages_delivered": counts.delivered,
+            "messages_dropped": counts.dropped,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
         }

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..event import EVENT, Event, stream_key
+from ..event import CONTROL, EVENT, Event, stream_key
 from .base import EventCallback
 
 
@@ -66,7 +66,9 @@ class MemoryBackend:
         self._seq += 1
         seq = self._seq
         event = Event(event_id, tenant, name, data, tuple((s, seq) for s in streams), kind=kind)
-        if self._size > 0:
+        if kind == CONTROL:
+            pass  # instructions, not history
+        elif self._size > 0:
             for stream in streams:
                 self._append(stream_key(tenant, stream), seq, event)
         elif streams:

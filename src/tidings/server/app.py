@@ -6,8 +6,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from prometheus_client import start_http_server
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -16,7 +19,9 @@ from ..auth import Authenticator, RequestAuthenticator
 from ..config import Settings
 from ..errors import InvalidRequest, NotFound, TidingsError
 from ..hub import Hub
-from . import ops, publish
+from ..metrics import Metrics
+from ..ratelimit import RateLimiter
+from . import admin, ops, publish
 from .http import error_response
 from .sse import SSEEndpoint
 from .state import State
@@ -39,21 +44,46 @@ def create_app(
     """
     settings = settings or Settings()
     hub = hub or Hub(settings)
-    state = State(settings, hub, authenticator or Authenticator(settings))
+    state = State(
+        settings,
+        hub,
+        authenticator or Authenticator(settings),
+        Metrics(hub),
+        connect_limit=RateLimiter(settings.connect_rate),
+        publish_limit=RateLimiter(settings.publish_rate),
+    )
     sse = SSEEndpoint()
     routes: list[BaseRoute] = [Route(path, sse, methods=["GET"]) for path in SSE_PATHS]
-    routes += publish.routes + ops.routes
+    routes += publish.routes + ops.routes + admin.routes
+    if settings.metrics_port is None:
+        routes.append(admin.metrics_route)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.metrics_port is not None:
+            # A separate listener keeps /metrics off the public port.
+            start_http_server(settings.metrics_port, settings.host, registry=state.metrics.registry)
         await hub.start()
         try:
             yield
         finally:
             await hub.stop()
 
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                allow_credentials="*" not in settings.cors_origins,
+                max_age=600,
+            )
+        )
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             TidingsError: _tidings_error,

@@ -39,9 +39,25 @@ def state(conn: HTTPConnection) -> State:
 
 async def principal(conn: HTTPConnection) -> Principal:
     """The caller's identity (JWT, API key, or the app's own authenticator)."""
-    return await state(conn).authenticator.authenticate(
-        conn.headers, conn.query_params, conn.cookies
-    )
+    st = state(conn)
+    try:
+        return await st.authenticator.authenticate(conn.headers, conn.query_params, conn.cookies)
+    except Unauthorized as exc:
+        st.metrics.auth_failures.labels(_failure_reason(exc.message)).inc()
+        raise
+
+
+def _failure_reason(message: str) -> str:
+    # A bounded label set: the message itself may quote client input.
+    text = message.lower()
+    for reason in ("missing", "expired", "signature", "issuer", "audience", "kid"):
+        if reason in text:
+            return reason
+    return "invalid"
+
+
+def client_ip(conn: HTTPConnection) -> str:
+    return conn.client.host if conn.client else "?"
 
 
 async def server_or_user(conn: HTTPConnection) -> Principal:

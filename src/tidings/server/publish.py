@@ -7,22 +7,28 @@ from typing import Any
 from starlette.requests import Request
 from starlette.routing import Route
 
-from ..errors import InvalidRequest
-from ..hub import Message, authorize, parse_message
+from ..errors import InvalidRequest, RateLimited, TidingsError
+from ..hub import Hub, Message, authorize, parse_message
 from .http import JSONResponse, json_body, server_or_user, state
 
 MAX_BATCH = 1000
 
 
 async def publish(request: Request) -> JSONResponse:
-    who = await server_or_user(request)
-    body = await json_body(request)
-    message = _message(body, who.is_server, who.tenant)
-    authorize(message, who)
-    hub = state(request).hub
-    if not hub.running:
-        await hub.start()
-    return JSONResponse({"id": await hub.publish_message(message)}, status_code=202)
+    counter = state(request).metrics.publish_requests
+    try:
+        who = await server_or_user(request)
+        body = await json_body(request)
+        message = _message(body, who.is_server, who.tenant)
+        authorize(message, who)
+        _rate_limit(request, message.tenant)
+        hub = await _running_hub(request)
+        event_id = await hub.publish_message(message)
+    except TidingsError as exc:
+        counter.labels(exc.code).inc()
+        raise
+    counter.labels("accepted").inc()
+    return JSONResponse({"id": event_id}, status_code=202)
 
 
 async def publish_batch(request: Request) -> JSONResponse:
@@ -41,11 +47,25 @@ async def publish_batch(request: Request) -> JSONResponse:
             raise InvalidRequest(f"messages[{index}]: {exc.message}") from None
         authorize(message, who)
         messages.append(message)
+    for tenant in {m.tenant for m in messages}:
+        _rate_limit(request, tenant)
+    hub = await _running_hub(request)
+    ids = [await hub.publish_message(m) for m in messages]
+    state(request).metrics.publish_requests.labels("accepted").inc()
+    return JSONResponse({"ids": ids}, status_code=202)
+
+
+def _rate_limit(request: Request, tenant: str) -> None:
+    wait = state(request).publish_limit.retry_after("tenant\x1f" + tenant)
+    if wait is not None:
+        raise RateLimited("publish rate limit reached for this tenant", retry_after=wait)
+
+
+async def _running_hub(request: Request) -> Hub:
     hub = state(request).hub
     if not hub.running:
         await hub.start()
-    ids = [await hub.publish_message(m) for m in messages]
-    return JSONResponse({"ids": ids}, status_code=202)
+    return hub
 
 
 def _message(body: Any, is_server: bool, tenant: str) -> Message:

@@ -16,10 +16,10 @@ from starlette.requests import HTTPConnection
 
 from .. import wire
 from ..connection import SSEConnection
-from ..errors import TidingsError
+from ..errors import RateLimited, TidingsError
 from ..event import CloseReason
 from ..types import Receive, Scope, Send
-from .http import error_response, principal, state
+from .http import client_ip, error_response, principal, state
 from .streams import check_capacity, requested_topics, subscriber
 
 log = logging.getLogger("tidings.sse")
@@ -39,6 +39,11 @@ class SSEEndpoint:
         request = HTTPConnection(scope)
         st = state(request)
         try:
+            wait = st.connect_limit.retry_after(client_ip(request))
+            if wait is not None:
+                raise RateLimited(
+                    "too many connection attempts from this address", retry_after=wait
+                )
             who = await principal(request)
             subscriber(who)
             topics = requested_topics(st, who, request.query_params)
