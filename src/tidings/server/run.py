@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 import uvicorn
 
 from ..auth import mint_token
 from ..config import Settings
+from ..event import CloseReason
+from ..hub import Hub
 from ..logs import configure
 from .app import create_app
 
@@ -22,8 +25,9 @@ def serve(settings: Settings) -> None:
     configure(settings.log_level, settings.log_format)
     if settings.dev_mode:
         _dev_hint(settings)
+    hub = Hub(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, hub=hub),
         host=settings.host,
         port=settings.port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
@@ -34,7 +38,25 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_timeout) or None,
         backlog=4096,
     )
-    uvicorn.Server(config).run()
+    _Server(config, hub).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but streams hear about a shutdown at its start.
+
+    uvicorn waits for open responses to finish before the lifespan shutdown
+    runs, and a stream never finishes by itself: without this, clients would
+    only learn of the shutdown when TIDINGS_SHUTDOWN_TIMEOUT cut them off.
+    """
+
+    def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
+        super().__init__(config)
+        self.hub = hub
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        closed = self.hub.broker.close_all(CloseReason.SHUTDOWN)
+        log.info("shutting down: told %d connections to reconnect elsewhere", closed)
+        await super().shutdown(sockets)
 
 
 def _dev_hint(settings: Settings) -> None:
