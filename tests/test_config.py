@@ -126,6 +126,8 @@ def test_toml_values_do_not_leak_into_later_loads(tmp_path: Path) -> None:
         ("port = 1\n[tidings]\nTIDINGS_PORT = 2\n", "TIDINGS_PORT is set twice"),
         ("port = \n", "not valid TOML"),
         ("tidings = 3\n", "must be a table"),
+        ("api_keys = ['ok', 7]\n", "TIDINGS_API_KEYS is invalid"),
+        ("host = 5\n", "TIDINGS_HOST is invalid"),
         ("heartbeat_interval = 1\n", "TIDINGS_HEARTBEAT_INTERVAL must be at least 5 s"),
     ],
 )

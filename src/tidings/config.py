@@ -68,9 +68,10 @@ def _split_list(value: object) -> object:
     """Comma-separated string (env, TOML) or a real list; blanks stripped and dropped."""
     if isinstance(value, str):
         value = value.split(",")
-    if isinstance(value, list | tuple):
-        return [v.strip() for v in value if not isinstance(v, str) or v.strip()]
-    return value
+    if not isinstance(value, list | tuple):
+        return value
+    items = [v.strip() if isinstance(v, str) else v for v in value]
+    return [v for v in items if v != ""]  # non-strings stay, for the type check to name
 
 
 def is_loopback(host: str) -> bool:
