@@ -193,8 +193,8 @@ class Settings(BaseSettings):
     @field_validator("jwt_secret")
     @classmethod
     def _secret_length(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value().encode()) < _MIN_SECRET_BYTES:
-            got = len(value.get_secret_value().encode())
+        got = len(value.get_secret_value().encode()) if value is not None else _MIN_SECRET_BYTES
+        if got < _MIN_SECRET_BYTES:
             raise ValueError(f"must be at least {_MIN_SECRET_BYTES} bytes (got {got})")
         return value
 
@@ -253,7 +253,7 @@ class Settings(BaseSettings):
 
     @property
     def has_jwt_key(self) -> bool:
-        return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url)
+        return self.jwt_secret is not None or bool(self.jwt_public_key or self.jwt_jwks_url)
 
     def check_startup(self) -> None:
         """Rules that only bind a server about to listen (``tidings token`` need not pass them)."""
