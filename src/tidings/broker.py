@@ -108,22 +108,74 @@ class Broker:
         """
         conn.epoch = self.backend.epoch
         self.connections[conn.id] = conn
+        self.stats.connects += 1
+        await self._register(conn, conn.streams)
+        return await self._resume(conn, cursor, conn.streams)
+
+    async def add_streams(
+        self, conn: Connection, streams: list[str], cursor: str | None = None
+    ) -> Resumption:
+        """Let an open `conn` read `streams` too (a WebSocket `subscribe`).
+
+        Each new stream resumes from its position in `cursor`, else starts live.
+        As with `attach`, live events are held until `release()`.
+        """
+        if conn.pending is None:
+            conn.pending = []
+        new = conn.add_streams(streams)
+        if conn.id not in self.connections:
+            return Resumption()
+        await self._register(conn, new)
+        return await self._resume(conn, cursor, new)
+
+    def remove_streams(self, conn: Connection, streams: list[str]) -> None:
+        """Stop `conn` reading `streams` (a WebSocket `unsubscribe`)."""
+        gone = conn.remove_streams(streams)
+        if conn.id in self.connections:
+            self._unregister(conn, gone)
+
+    async def resume(self, conn: Connection, cursor: str) -> Resumption:
+        """Replay to an open `conn` what followed `cursor` (a WebSocket `resume`).
+
+        Streams the cursor names go back (or forward) to its positions; the others
+        keep theirs. Live events are held until `release()`.
+        """
+        if conn.pending is None:
+            conn.pending = []
+        return await self._resume(conn, cursor, conn.streams)
+
+    async def _register(self, conn: Connection, streams: list[str]) -> None:
         fresh = []
-        for stream in conn.streams:
+        for stream in streams:
             key = stream_key(conn.tenant, stream)
             readers = self._readers.get(key)
             if readers is None:
                 readers = self._readers[key] = set()
                 fresh.append(key)
             readers.add(conn)
-        self.stats.connects += 1
         if fresh:
             await self.backend.subscribe(fresh)
-        return await self._resume(conn, cursor)
 
-    async def _resume(self, conn: Connection, cursor: str | None) -> Resumption:
+    def _unregister(self, conn: Connection, streams: list[str]) -> None:
+        gone = []
+        for stream in streams:
+            key = stream_key(conn.tenant, stream)
+            readers = self._readers.get(key)
+            if readers is not None:
+                readers.discard(conn)
+                if not readers:
+                    del self._readers[key]
+                    gone.append(key)
+        if gone:
+            task = asyncio.ensure_future(self.backend.unsubscribe(gone))
+            task.add_done_callback(_log_failure)
+
+    async def _resume(self, conn: Connection, cursor: str | None, streams: list[str]) -> Resumption:
+        # A stream the cursor does not name keeps the connection's position (an open
+        # connection's `resume`), or starts live (a new connection or stream).
         result = Resumption()
-        tops = await self.backend.tops(conn.tenant, conn.streams)
+        streams = list(streams)
+        tops = await self.backend.tops(conn.tenant, streams)
         wanted: dict[str, int] = {}
         if cursor is not None:
             try:
@@ -134,10 +186,12 @@ class Broker:
                 if epoch != conn.epoch:
                     result.reset = "history epoch changed (server restarted)"
                 else:
-                    by_hash = {conn.stream_hash(s): s for s in conn.streams}
+                    by_hash = {conn.stream_hash(s): s for s in streams}
                     wanted = {by_hash[h]: seq for h, seq in positions.items() if h in by_hash}
         runs: list[list[Event]] = []
-        for stream in conn.streams:
+        for stream in streams:
+            if not conn.reads(stream):
+                continue  # removed while this awaited
             start = wanted.get(stream)
             if start is not None and start < tops[stream]:
                 events = await self.backend.history(conn.tenant, stream, start)
@@ -149,7 +203,9 @@ class Broker:
             elif start is not None and start > tops[stream]:
                 result.reset = result.reset or "cursor is ahead of the history"
                 start = None
-            conn.set_position(stream, tops[stream] if start is None else start)
+            if start is None:
+                start = conn.positions.get(stream, tops[stream])
+            conn.set_position(stream, start)
         result.replay = _merge(runs)
         return result
 
@@ -167,15 +223,7 @@ class Broker:
         if self.connections.pop(conn.id, None) is None:
             return
         self.stats.disconnects += 1
-        gone = []
-        for stream in conn.streams:
-            key = stream_key(conn.tenant, stream)
-            readers = self._readers.get(key)
-            if readers is not None:
-                readers.discard(conn)
-                if not readers:
-                    del self._readers[key]
-                    gone.append(key)
+        self._unregister(conn, conn.streams)
         if conn.closed is None:
             conn.close(CloseReason.CLIENT)
         reason = conn.closed.name.lower() if conn.closed else "client"
@@ -189,9 +237,6 @@ class Broker:
             self.stats.dropped += lost
             self.tenant_counts.setdefault(conn.tenant, TenantCounts()).dropped += lost
             conn.buffer.clear()
-        if gone:
-            task = asyncio.ensure_future(self.backend.unsubscribe(gone))
-            task.add_done_callback(_log_failure)
 
     # -- presence -------------------------------------------------------------
 

@@ -89,6 +89,34 @@ class Connection:
     def cursor(self) -> str:
         return cursors.encode(self.epoch, self._parts)
 
+    def reads(self, stream: str) -> bool:
+        return stream in self._index
+
+    def add_streams(self, streams: list[str]) -> list[str]:
+        """Read these streams too; returns the new ones. They have no position yet, so
+        `deliver` skips their events until the broker positions them (`Broker.add_streams`)."""
+        new = [s for s in dict.fromkeys(streams) if s not in self._index]
+        for stream in new:
+            self._hashes[stream] = cursors.stream_hash(stream)
+            self._index[stream] = len(self._parts)
+            self._parts.append(self._hashes[stream] + "0")
+        self.streams = self.streams + new
+        return new
+
+    def remove_streams(self, streams: list[str]) -> list[str]:
+        """Stop reading these streams; returns the ones it read. The cursor drops them."""
+        gone = [s for s in dict.fromkeys(streams) if s in self._index]
+        if gone:
+            for stream in gone:
+                del self._hashes[stream]
+                self.positions.pop(stream, None)
+            self.streams = [s for s in self.streams if s in self._hashes]
+            self._index = {s: i for i, s in enumerate(self.streams)}
+            self._parts = [
+                cursors.part(self._hashes[s], self.positions.get(s, 0)) for s in self.streams
+            ]
+        return gone
+
     # -- delivery -----------------------------------------------------------
 
     def offer(self, event: Event) -> bool:
