@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from server import TidingsServer
 
+from server import TidingsServer
 from tidings import Hub, Settings, create_app
 from tidings.auth import mint_token
 from tidings.client import Publisher, Subscriber, backoff_delay, error_from_response, message
@@ -53,7 +53,7 @@ def test_backoff_is_full_jitter_below_the_exponential_ceiling() -> None:
 def test_backoff_stays_within_bounds_with_real_randomness() -> None:
     for attempt in (0, 1, 5, 10, 100, 10_000):
         delay = backoff_delay(attempt, 0.5, 30.0)
-        assert 0.0 <= delay <= min(30.0, 0.5 * 2**min(attempt, 64))
+        assert 0.0 <= delay <= min(30.0, 0.5 * 2 ** min(attempt, 64))
 
 
 def test_backoff_refuses_negative_input() -> None:
@@ -78,7 +78,8 @@ def error(status: int, body: object, **headers: str) -> TidingsError:
 
 
 def test_errors_map_by_code_then_status() -> None:
-    over = error(503, {"error": {"code": "over_capacity", "message": "full"}}, **{"Retry-After": "5"})
+    full = {"error": {"code": "over_capacity", "message": "full"}}
+    over = error(503, full, **{"Retry-After": "5"})
     assert isinstance(over, OverCapacity) and over.retry_after == 5 and over.message == "full"
     down = error(503, {"error": {"code": "unavailable", "message": "no broker"}})
     assert isinstance(down, BackendUnavailable)
