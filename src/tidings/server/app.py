@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from ..auth import Authenticator, RequestAuthenticator
 from ..config import Settings
@@ -25,6 +25,7 @@ from . import admin, ops, publish
 from .http import error_response
 from .sse import SSEEndpoint
 from .state import State
+from .websocket import WS_PATHS, WebSocketEndpoint
 
 log = logging.getLogger("tidings.app")
 
@@ -54,6 +55,7 @@ def create_app(
     )
     sse = SSEEndpoint()
     routes: list[BaseRoute] = [Route(path, sse, methods=["GET"]) for path in SSE_PATHS]
+    routes += [WebSocketRoute(path, WebSocketEndpoint()) for path in WS_PATHS]
     routes += publish.routes + ops.routes + admin.routes
     if settings.metrics_port is None:
         routes.append(admin.metrics_route)

@@ -14,6 +14,7 @@ from ..event import CloseReason
 from ..hub import Hub
 from ..logs import configure
 from .app import create_app
+from .websocket import uvicorn_options
 
 log = logging.getLogger("tidings.serve")
 
@@ -37,6 +38,7 @@ def serve(settings: Settings) -> None:
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=int(settings.shutdown_timeout) or None,
         backlog=4096,
+        **uvicorn_options(settings),  # WebSocket keep-alive, frame size, compression
     )
     _Server(config, hub).run()
 

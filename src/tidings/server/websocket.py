@@ -1,0 +1,486 @@
+"""The WebSocket endpoint (API.md §5) on plain ASGI, beside SSE on the same broker.
+
+A WebSocket connection is just another connection of its user: the same
+streams, cursors, history and slow-consumer rule as SSE. Per socket, one
+task pumps the connection's buffer to the socket (one text frame per
+message) and one reads client messages and handles them in order; fan-out
+never waits on a socket (see `Connection.offer`).
+
+Order of events on a new socket: the Origin check and the connect rate limit
+refuse the handshake itself (HTTP 403/429); then the socket is accepted and
+the caller authenticated — by header, query or cookie, else by a first
+``{"type": "auth"}`` message — and a failure closes it with 4401 and a
+reason, which a browser can read (it cannot read a refused handshake).
+
+Keep-alive is the WebSocket protocol's ping/pong, sent by the ASGI server
+(`uvicorn_options` configures uvicorn from the settings); no JSON heartbeats
+are sent. Clients that need an application-level check send ``ping`` and
+get ``pong``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from starlette.requests import HTTPConnection
+
+from .. import wire, wsproto
+from ..auth import Principal, extract_credential
+from ..config import Settings
+from ..connection import WSConnection
+from ..errors import (
+    Forbidden,
+    InvalidRequest,
+    RateLimited,
+    TidingsError,
+    Unauthorized,
+)
+from ..event import CloseReason, topic_stream
+from ..types import Receive, Scope, Send
+from .http import client_ip, principal, state
+from .state import State
+from .streams import check_capacity, check_topic, subscriber
+
+log = logging.getLogger("tidings.ws")
+
+WS_PATHS = ("/api/v1/ws", "/api/v1/notifications/ws")
+
+AUTH_TIMEOUT = 10.0
+"""Seconds a socket without a credential has to send ``{"type": "auth"}`` (API.md §1)."""
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds to hand the close frame to a socket that stopped reading, before giving up."""
+
+# Close codes besides CloseReason's (4401 unauthorized, 4008 slow, 4009, 4010, 1001).
+FORBIDDEN = 4403  # an API key, not a user: streams are for users
+RATE_LIMITED = 4429  # too many connection attempts (not used when the handshake can be refused)
+TRY_AGAIN_LATER = 1013  # connection limits reached; retry after a while
+INTERNAL = 1011
+
+_CLOSE_CODES: dict[str, int] = {
+    "unauthorized": CloseReason.UNAUTHORIZED.code,
+    "forbidden": FORBIDDEN,
+    "rate_limited": RATE_LIMITED,
+    "over_capacity": TRY_AGAIN_LATER,
+    "unavailable": TRY_AGAIN_LATER,
+    "invalid_request": 1008,
+}
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn settings the WebSocket endpoint relies on (`tidings serve` passes them).
+
+    * protocol pings every ``TIDINGS_WS_PING_INTERVAL``; a connection that has not
+      answered one within ``TIDINGS_WS_PONG_TIMEOUT`` of its last pong is closed (1011).
+    * frames over ``TIDINGS_MAX_PAYLOAD`` bytes close the connection (1009).
+    * permessage-deflate only when ``ws_per_message_deflate`` is set: compression is per
+      connection, so it would cost every recipient of a fan-out its own deflate.
+    """
+    return {
+        "ws_ping_interval": settings.ws_ping_interval,
+        "ws_ping_timeout": pong_deadline(settings.ws_ping_interval, settings.ws_pong_timeout),
+        "ws_max_size": settings.max_payload,
+        "ws_per_message_deflate": bool(getattr(settings, "ws_per_message_deflate", False)),
+    }
+
+
+def pong_deadline(ping_interval: float, pong_timeout: float) -> float:
+    """uvicorn's wait for a pong, counted from its ping, for a deadline counted from the
+    last pong (as the seed's gorilla server does: ping every 54 s, pong wait 60 s).
+
+    When the pong timeout is not longer than the interval, each ping gets all of it.
+    """
+    if pong_timeout > ping_interval:
+        return pong_timeout - ping_interval
+    return pong_timeout
+
+
+def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
+    """`TIDINGS_ALLOWED_ORIGINS`: empty or ``*`` allows any; else an exact origin
+    (``https://app.example.com``) or a subdomain wildcard (``https://*.example.com``).
+
+    A request without an Origin header is not from a browser and is allowed: the check
+    protects browsers' cookies and tokens from other sites (cross-site WebSocket hijacking).
+    """
+    if not allowed or origin is None or "*" in allowed:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    for pattern in allowed:
+        pattern = pattern.strip().rstrip("/").lower()
+        if origin == pattern:
+            return True
+        scheme, sep, host = pattern.partition("://*.")
+        if sep and origin.startswith(scheme + "://") and origin.endswith("." + host):
+            return True
+    return False
+
+
+class WSSocket(WSConnection):
+    """A WebSocket connection; keep-alive is protocol pings, so no JSON heartbeats."""
+
+    __slots__ = ()
+
+    def heartbeat(self) -> None:
+        return
+
+
+class WebSocketEndpoint:
+    """ASGI app for `/api/v1/ws` and `/api/v1/notifications/ws`."""
+
+    def __init__(self, *, auth_timeout: float | None = None) -> None:
+        self.auth_timeout = auth_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket" or (await receive())["type"] != "websocket.connect":
+            return
+        request = HTTPConnection(scope)
+        st = state(request)
+        if not origin_allowed(request.headers.get("origin"), st.settings.allowed_origins):
+            await _refuse(scope, send, Forbidden("this Origin may not connect"))
+            return
+        wait = st.connect_limit.retry_after(client_ip(request))
+        if wait is not None:
+            exc = RateLimited("too many connection attempts from this address", retry_after=wait)
+            await _refuse(scope, send, exc)
+            return
+        await send({"type": "websocket.accept"})
+        timeout = self.auth_timeout
+        if timeout is None:
+            timeout = float(getattr(st.settings, "ws_auth_timeout", AUTH_TIMEOUT))
+        await _Session(st, request, receive, send, timeout).run()
+
+
+async def _refuse(scope: Scope, send: Send, exc: TidingsError) -> None:
+    """Refuse the handshake: an HTTP error response where the server supports it."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})  # uvicorn: HTTP 403
+        return
+    headers = [(b"content-type", b"application/json")]
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(exc.retry_after).encode()))
+    await send({"type": "websocket.http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": orjson.dumps(exc.body())})
+
+
+def _close_reason(text: str) -> str:
+    # A close frame's reason is at most 123 bytes of UTF-8.
+    raw = text.encode()
+    if len(raw) <= 123:
+        return text
+    return raw[:120].decode(errors="ignore") + "…"
+
+
+class _Session:
+    """One accepted socket: authenticate, open the connection, then read and pump."""
+
+    def __init__(
+        self, st: State, request: HTTPConnection, receive: Receive, send: Send, timeout: float
+    ) -> None:
+        self.st = st
+        self.settings = st.settings
+        self.request = request
+        self.receive = receive
+        self.send = send
+        self.auth_timeout = timeout
+
+    async def close(self, code: int, reason: str) -> None:
+        message = {"type": "websocket.close", "code": code, "reason": _close_reason(reason)}
+        with contextlib.suppress(OSError, RuntimeError, TimeoutError):
+            await asyncio.wait_for(self.send(message), CLOSE_TIMEOUT)
+
+    async def close_for(self, exc: TidingsError) -> None:
+        await self.close(_CLOSE_CODES.get(exc.code, INTERNAL), exc.message)
+
+    # -- opening ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        st, request = self.st, self.request
+        try:
+            who = await self.authenticate()
+            if who is None:
+                return  # the client left while we waited for its auth message
+            subscriber(who)
+            check_capacity(st, who)
+            if not st.hub.running:
+                await st.hub.start()
+            unread = await st.unread_count(who)
+        except TidingsError as exc:
+            await self.close_for(exc)
+            return
+        topics, refused = self.authorize(who, wire.split_list(request.query_params.get("topics")))
+        conn = WSSocket(
+            who, st.hub.streams_for(who, topics), limit=self.settings.client_buffer_size
+        )
+        broker = st.hub.broker
+        reader = pump = None
+        failure: TidingsError | None = None
+        try:
+            resumption = await broker.attach(
+                conn, wire.last_event_id(request.headers, request.query_params)
+            )
+            welcome = wsproto.message(
+                "welcome",
+                connection_id=conn.id,
+                user_id=who.user_id,
+                tenant=who.tenant,
+                topics=topics,
+                unread_count=unread,
+                message="connected",
+                id=conn.cursor(),
+            )
+            conn.push(welcome, force=True)
+            for frame in refused:
+                conn.push(frame, force=True)
+            if resumption.reset is not None:
+                conn.push(_reset(conn, resumption.reset), force=True)
+            broker.release(conn, resumption)
+            log.debug(
+                "ws open %s user=%r tenant=%r topics=%s", conn.id, who.user_id, who.tenant, topics
+            )
+            reader = asyncio.ensure_future(self.read(conn))
+            pump = asyncio.ensure_future(_pump(conn, self.send))
+            conn.on_close(_unstick(conn, pump))
+            await asyncio.wait((reader, pump), return_when=asyncio.FIRST_COMPLETED)
+        except TidingsError as exc:  # the backend failed while opening
+            failure = exc
+        except Exception:
+            log.exception("ws %s: opening failed", conn.id)
+            failure = TidingsError("internal error; it has been logged")
+        finally:
+            for task in (reader, pump):
+                if task is not None:
+                    task.cancel()
+            broker.detach(conn)
+            log.debug("ws close %s reason=%s", conn.id, conn.closed.name if conn.closed else "-")
+        reason = conn.closed
+        if failure is not None:
+            await self.close_for(failure)
+        elif reason is not None and reason is not CloseReason.CLIENT:
+            await self.close(reason.code, reason.text)
+
+    async def authenticate(self) -> Principal | None:
+        """Header, query or cookie; else the first message, within the auth timeout."""
+        request = self.request
+        if extract_credential(request.headers, request.query_params, request.cookies):
+            return await principal(request)  # counts failures; Unauthorized closes with 4401
+        try:
+            # An embedding app's own authenticator may know other credentials.
+            return await self.st.authenticator.authenticate(
+                request.headers, request.query_params, request.cookies
+            )
+        except Unauthorized:
+            pass
+        try:
+            message = await asyncio.wait_for(self.receive(), self.auth_timeout)
+        except TimeoutError:
+            self._count_failure("missing")
+            seconds = f"{self.auth_timeout:g}"
+            raise Unauthorized(
+                f'no credential: send {{"type":"auth","token":"<jwt>"}} within {seconds} s'
+            ) from None
+        if message["type"] != "websocket.receive":
+            return None
+        try:
+            first = wsproto.parse(
+                message.get("text") or message.get("bytes") or b"",
+                max_size=self.settings.max_payload,
+            )
+        except wsproto.ProtocolError:
+            first = None
+        if not isinstance(first, wsproto.Auth):
+            self._count_failure("missing")
+            raise Unauthorized('the first message must be {"type":"auth","token":"<jwt>"}')
+        return await self.verify(first.token)
+
+    async def verify(self, token: str) -> Principal:
+        auth = self.st.authenticator
+        verify = getattr(auth, "principal_from_token", None)
+        try:
+            if verify is not None:
+                who: Principal = await verify(token)
+                return who
+            # Any RequestAuthenticator: the token as if it came in the header.
+            return await auth.authenticate({"authorization": f"Bearer {token}"}, {}, {})
+        except Unauthorized as exc:
+            self._count_failure("expired" if "expired" in exc.message else "invalid")
+            raise
+
+    def _count_failure(self, reason: str) -> None:
+        self.st.metrics.auth_failures.labels(reason).inc()
+
+    def authorize(
+        self, who: Principal, topics: list[str] | tuple[str, ...], current: int = 0
+    ) -> tuple[list[str], list[bytes]]:
+        """The topics `who` may add (`current` are already read) and an `error` per refusal."""
+        if not topics:
+            return [], []
+        if not self.settings.enable_topics:
+            text = "topics are disabled on this server (TIDINGS_ENABLE_TOPICS)"
+            return [], [wsproto.error("invalid_request", text, topics=list(topics))]
+        allowed: list[str] = []
+        errors: list[bytes] = []
+        for topic in dict.fromkeys(topics):
+            try:
+                check_topic(self.st, who, topic)
+            except TidingsError as exc:
+                errors.append(wsproto.error(exc.code, exc.message, topic=topic))
+            else:
+                allowed.append(topic)
+        limit = self.settings.max_topics_per_connection
+        room = max(0, limit - current)
+        if len(allowed) > room:
+            text = f"at most {limit} topics per connection (TIDINGS_MAX_TOPICS_PER_CONNECTION)"
+            errors.append(wsproto.error("invalid_request", text, topics=allowed[room:]))
+            allowed = allowed[:room]
+        return allowed, errors
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def read(self, conn: WSSocket) -> None:
+        try:
+            while conn.closed is None:
+                message = await self.receive()
+                if message["type"] == "websocket.disconnect":
+                    conn.close(CloseReason.CLIENT)
+                    return
+                if message["type"] != "websocket.receive":
+                    continue
+                raw = message.get("text")
+                if raw is None:
+                    raw = message.get("bytes") or b""
+                await self.handle(conn, raw)
+        finally:
+            if conn.closed is None:
+                conn.close(CloseReason.CLIENT)
+
+    async def handle(self, conn: WSSocket, raw: str | bytes) -> None:
+        """One client message; every failure is answered, none ends the connection."""
+        request: str | None = None
+        try:
+            msg = wsproto.parse(raw, max_size=self.settings.max_payload)
+            request = _TYPES[type(msg)]
+            answer = await self.dispatch(conn, msg)
+        except wsproto.ProtocolError as exc:
+            answer = [wsproto.error(exc.code, exc.message, request=exc.request)]
+        except TidingsError as exc:
+            answer = [wsproto.error(exc.code, exc.message, request=request)]
+        except Exception:
+            log.exception("ws %s: %s failed", conn.id, request)
+            answer = [wsproto.error("internal", "internal error; it has been logged")]
+        for frame in answer:
+            conn.push(frame)  # bounded: a client that sends but does not read is slow
+
+    async def dispatch(self, conn: WSSocket, msg: wsproto.ClientMessage) -> list[bytes]:
+        if isinstance(msg, wsproto.Ping):
+            return [wsproto.message("pong")]
+        if isinstance(msg, wsproto.Subscribe):
+            return await self.subscribe(conn, msg)
+        if isinstance(msg, wsproto.Unsubscribe):
+            streams = [topic_stream(t) for t in msg.topics]
+            self.st.hub.broker.remove_streams(conn, streams)
+            return [wsproto.message("unsubscribed", topics=list(msg.topics), id=conn.cursor())]
+        if isinstance(msg, wsproto.Resume):
+            broker = self.st.hub.broker
+            resumption = await broker.resume(conn, msg.last_event_id)
+            if resumption.reset is not None:
+                conn.push(_reset(conn, resumption.reset), force=True)
+            broker.release(conn, resumption)
+            return []
+        if isinstance(msg, wsproto.MarkRead):
+            return await self.mark_read(conn, msg)
+        raise InvalidRequest("already authenticated: auth is only the first message")
+
+    async def subscribe(self, conn: WSSocket, msg: wsproto.Subscribe) -> list[bytes]:
+        current = sum(1 for s in conn.streams if s.startswith("t:"))
+        fresh = [t for t in msg.topics if not conn.reads(topic_stream(t))]
+        allowed, errors = self.authorize(conn.principal, fresh, current)
+        for frame in errors:
+            conn.push(frame)
+        topics = [t for t in msg.topics if t in allowed or conn.reads(topic_stream(t))]
+        if not topics:
+            return []
+        broker = self.st.hub.broker
+        streams = [topic_stream(t) for t in allowed]
+        resumption = await broker.add_streams(conn, streams, msg.last_event_id)
+        conn.push(wsproto.message("subscribed", topics=topics, id=conn.cursor()), force=True)
+        if resumption.reset is not None:
+            conn.push(_reset(conn, resumption.reset), force=True)
+        broker.release(conn, resumption)
+        return []
+
+    async def mark_read(self, conn: WSSocket, msg: wsproto.MarkRead) -> list[bytes]:
+        inbox = getattr(self.st.hub, "inbox", None)
+        if inbox is None:
+            return [wsproto.error("unavailable", "this server keeps no inbox", request="mark_read")]
+        who = conn.principal
+        # The inbox pushes `notification.read` to every connection of the user, this one
+        # included: that is the acknowledgement.
+        if msg.all:
+            await inbox.mark_all_read(who)
+        else:
+            await inbox.mark_read(who, list(msg.ids))
+        return []
+
+
+_TYPES: dict[type, str] = {
+    wsproto.Ping: "ping",
+    wsproto.Subscribe: "subscribe",
+    wsproto.Unsubscribe: "unsubscribe",
+    wsproto.MarkRead: "mark_read",
+    wsproto.Resume: "resume",
+    wsproto.Auth: "auth",
+}
+
+
+def _unstick(conn: WSSocket, pump: asyncio.Future[None]) -> Callable[[CloseReason], None]:
+    """On close, stop waiting for a write stuck on a client that stopped reading."""
+
+    def cancel(reason: CloseReason) -> None:
+        if conn.busy_since:
+            pump.cancel()
+
+    return cancel
+
+
+def _reset(conn: WSSocket, reason: str) -> bytes:
+    return wsproto.message("reset", reason=reason, id=conn.cursor())
+
+
+async def _pump(conn: WSSocket, send: Send) -> None:
+    """Write the connection's buffer to the socket, one text frame per message."""
+    try:
+        while True:
+            await conn.wait()
+            while conn.buffer and conn.closed is None:
+                frames = conn.drain()
+                conn.busy_since = time.monotonic()
+                for frame in frames:
+                    if conn.closed is not None:
+                        break  # what is left is recovered by the client's resume
+                    await send({"type": "websocket.send", "text": frame.decode()})
+                conn.busy_since = 0.0
+            if conn.closed is not None:
+                return
+    except OSError:
+        conn.close(CloseReason.CLIENT)
+    finally:
+        conn.busy_since = 0.0
+        if conn.closed is None:
+            conn.close(CloseReason.CLIENT)
+
+
+__all__ = [
+    "AUTH_TIMEOUT",
+    "WS_PATHS",
+    "WSSocket",
+    "WebSocketEndpoint",
+    "origin_allowed",
+    "pong_deadline",
+    "uvicorn_options",
+]
