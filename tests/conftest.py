@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from server import TidingsServer  # tests/ is on sys.path (rootless test dir, prepend mode)
-
-StartServer = Callable[..., TidingsServer]
+from server import StartServer, TidingsServer  # tests/ is on sys.path (rootless, prepend)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,7 +39,7 @@ import httpx
 
 from tidings.auth import mint_token
 
-__all__ = ["TidingsServer", "free_port"]
+__all__ = ["StartServer", "TidingsServer", "free_port"]
 
 START_TIMEOUT = 20.0  # seconds until /healthz must answer
 STOP_TIMEOUT = 15.0  # seconds a graceful stop may take before it is a failure
@@ -206,3 +206,7 @@ class TidingsServer:
                     pass
                 time.sleep(0.02)  # polling readiness, not synchronising a test
         raise RuntimeError(f"tidings serve did not answer within {START_TIMEOUT} s:\n{self.log()}")
+
+
+StartServer = Callable[..., TidingsServer]
+"""The type of the `start_server` fixture: ``start_server(**env) -> TidingsServer``."""
