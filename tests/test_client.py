@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from server import TidingsServer
+from server import TidingsServer, free_port
 from tidings import Hub, Settings, create_app
 from tidings.auth import mint_token
 from tidings.client import Publisher, Subscriber, backoff_delay, error_from_response, message
@@ -257,3 +257,28 @@ async def test_close_ends_a_pending_iteration(server: TidingsServer) -> None:
         async with asyncio.timeout(WAIT):
             await waiting
     assert sub.state == "closed"
+
+
+async def test_subscriber_keeps_retrying_a_server_that_is_not_there() -> None:
+    retried = asyncio.Event()
+    states: list[str] = []
+
+    def on_state(state: str) -> None:
+        states.append(state)
+        if states.count("reconnecting") >= 3:
+            retried.set()
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    sub = Subscriber(nowhere, "t", backoff_initial=0.01, on_state=on_state)
+    waiting = asyncio.ensure_future(anext(sub))
+    async with asyncio.timeout(WAIT):
+        await retried.wait()
+    assert not waiting.done()
+    await sub.close()
+    with pytest.raises(StopAsyncIteration):
+        await waiting
+
+
+async def test_subscriber_gives_up_on_an_unsupported_url() -> None:
+    with pytest.raises(httpx.UnsupportedProtocol):
+        await next_event(Subscriber("ftp://127.0.0.1", "t"))

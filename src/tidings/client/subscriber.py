@@ -108,6 +108,7 @@ class Subscriber:
         self._queue: asyncio.Queue[SSEEvent | BaseException | None] = asyncio.Queue(QUEUE_SIZE)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._opened = False  # the current connection got its 200
         self.state = "idle"
 
     @property
@@ -179,9 +180,9 @@ class Subscriber:
         token_is_fresh = False  # the token just came from token_provider
         while True:
             least = 0.0
+            self._opened = False
             try:
                 await self._connect_and_read()
-                attempt, token_is_fresh = 0, False
             except Unauthorized:
                 if self._token_provider is None:
                     raise
@@ -195,8 +196,12 @@ class Subscriber:
                 if not retryable(exc):
                     raise
                 least = float(exc.retry_after or 0)
+            except httpx.UnsupportedProtocol:
+                raise  # a base_url such as ftp://... will not get better
             except (httpx.TransportError, TimeoutError):
-                pass
+                pass  # network trouble, or a stream silent for too long: reconnect
+            if self._opened:  # however it ended, it connected: start small again
+                attempt, token_is_fresh = 0, False
             await self._backoff(attempt, least)
             attempt += 1
 
@@ -209,9 +214,9 @@ class Subscriber:
             if response.status_code != 200:
                 await response.aread()
                 raise error_from_response(response)
+            self._opened = True
             self._set_state("open")
             await self._read(response)
-            # Counted as a good connect, so the backoff after it starts small again.
 
     async def _read(self, response: httpx.Response) -> None:
         parser = SSEParser()
