@@ -153,15 +153,19 @@ def _run_async(
 class Progress:
     """One status line on stderr when stdout is a terminal; silent when piped."""
 
+    INTERVAL = 0.1  # seconds between redraws: 10,000 connects need not mean 10,000 writes
+
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._shown = False
+        self._at = 0.0
 
-    def show(self, text: str) -> None:
-        if self.enabled:
+    def show(self, text: str, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.enabled and (force or now - self._at >= self.INTERVAL):
             sys.stderr.write(f"\r\x1b[K{text}")
             sys.stderr.flush()
-            self._shown = True
+            self._shown, self._at = True, now
 
     def done(self) -> None:
         if self._shown:
@@ -212,7 +216,7 @@ def _own_server(progress: Progress) -> Iterator[Target]:
             TIDINGS_LOG_LEVEL="warning",
         )
         log_path = Path(tmp) / "server.log"
-        progress.show(f"starting a server on 127.0.0.1:{port}")
+        progress.show(f"starting a server on 127.0.0.1:{port}", force=True)
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tidings", "serve"],
@@ -492,11 +496,14 @@ async def fanout(args: argparse.Namespace, target: Target, progress: Progress) -
         delay = begin + seq * args.interval - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        progress.show(f"{ready} subscribers · publishing {seq + 1}/{args.messages}")
+        progress.show(f"{ready} subscribers · publishing {seq + 1}/{args.messages}", force=True)
         body = {"tenant": args.tenant, "topics": [args.topic], "data": f"q{seq}t{time.time_ns()}z"}
         statuses[await publisher.post(orjson.dumps(body))] += 1
     publisher.close()
-    progress.show(f"{ready} subscribers · waiting for deliveries")
+    tally.expected = ready * statuses.get(202, 0)  # a refused publish delivers nothing
+    if tally.received >= tally.expected:
+        tally.done.set()
+    progress.show(f"{ready} subscribers · waiting for deliveries", force=True)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(tally.done.wait(), args.grace)
     tally.closing = True

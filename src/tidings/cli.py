@@ -302,7 +302,7 @@ def _listen(args: argparse.Namespace) -> int:
 
 def _format_event(event: SSEEvent, tty: bool) -> str:
     if tty:
-        return f"{event.event:<14} {event.id or '-':<24} {event.data}"
+        return f"{event.event:<14} {event.id or '-':<28} {event.data}"
     try:
         data: Any = orjson.loads(event.data)
     except orjson.JSONDecodeError:
