@@ -25,6 +25,7 @@ CONTROL = "control"  # instructions to every instance's broker (e.g. disconnect 
 
 CONTROL_STREAM = "$ctl"  # reserved: `$` names cannot be topics or user streams
 
+
 def user_stream(user_id: str) -> str:
     return "u:" + user_id
 
@@ -80,7 +81,9 @@ class Event:
             self._ws = {}
         parts = self._ws.get(stream)
         if parts is None:
-            head, tail = orjson.dumps(self._ws_message(stream)).split(b"\x00", 1)
+            # JSON spells the "\x00" marker `\u0000`; `id` is the second key, after a
+            # `type` that never holds one, so the first occurrence is the marker.
+            head, tail = orjson.dumps(self._ws_message(stream)).split(b"\\u0000", 1)
             parts = self._ws[stream] = (head, tail)
         return parts
 

@@ -1,0 +1,736 @@
+"""WebSocket transport (API.md §5) end to end: a real server on a free port, real sockets,
+the `websockets` client library (and, for keep-alive, a raw client that can refuse pongs).
+
+Each test starts its own server in process (so it can configure it and reach its hub)
+with `ws_server(...)`. Synchronisation is by messages only: a test waits for what it
+expects (with a generous timeout that only turns a hang into a failure), never sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close, Opcode
+from websockets.protocol import State as ProtocolState
+
+from tidings.auth import Principal, mint_token
+from tidings.backends.memory import MemoryBackend
+from tidings.config import Settings
+from tidings.event import NOTIFICATION, SYNC, user_stream
+from tidings.hub import Hub
+from tidings.server.app import create_app
+from tidings.server.websocket import WebSocketEndpoint, WSSocket, uvicorn_options
+
+SECRET = "s" * 40
+API_KEY = "test-api-key-0123456789"
+WAIT = 10.0  # turns a hang into a failure; never a synchronisation
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+@dataclass
+class Server:
+    url: str
+    hub: Hub
+    settings: Settings
+    app: Any
+
+    def ws_url(self, path: str = "/api/v1/ws", **query: str) -> str:
+        qs = "&".join(f"{k}={v}" for k, v in query.items())
+        return "ws" + self.url.removeprefix("http") + path + ("?" + qs if qs else "")
+
+    def token(self, user: str, **claims: Any) -> str:
+        return mint_token(SECRET, user, **claims)
+
+    def connect(self, path: str = "/api/v1/ws", **kw: Any) -> Any:
+        query = kw.pop("query", {})
+        kw.setdefault("compression", None)
+        return connect(self.ws_url(path, **query), proxy=None, open_timeout=WAIT, **kw)
+
+    async def publish(self, **body: Any) -> str:
+        return await self.hub.publish(**body)
+
+
+@asynccontextmanager
+async def ws_server(auth_timeout: float | None = None, **overrides: Any) -> AsyncIterator[Server]:
+    settings = Settings(jwt_secret=SECRET, api_keys=[API_KEY], **overrides)
+    hub = Hub(settings)
+    app = create_app(settings, hub=hub)
+    if auth_timeout is not None:
+        for route in app.routes:
+            if isinstance(getattr(route, "endpoint", None), WebSocketEndpoint):
+                route.endpoint.auth_timeout = auth_timeout  # type: ignore[attr-defined]
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan="on", log_config=None, **uvicorn_options(settings))
+    config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)
+    await server.startup(sockets=[sock])
+    port = sock.getsockname()[1]
+    try:
+        yield Server(f"http://127.0.0.1:{port}", hub, settings, app)
+    finally:
+        await server.shutdown(sockets=[sock])
+        sock.close()
+
+
+@pytest.fixture
+async def srv() -> AsyncIterator[Server]:
+    async with ws_server() as s:
+        yield s
+
+
+async def recv(ws: ClientConnection) -> dict[str, Any]:
+    raw = await asyncio.wait_for(ws.recv(), WAIT)
+    assert isinstance(raw, str), "server messages are text frames"
+    message = orjson.loads(raw)
+    assert isinstance(message, dict)
+    assert RFC3339.match(message.pop("timestamp")), message
+    return message
+
+
+async def expect(ws: ClientConnection, kind: str) -> dict[str, Any]:
+    message = await recv(ws)
+    assert message["type"] == kind, message
+    return message
+
+
+async def send(ws: ClientConnection, **message: Any) -> None:
+    await ws.send(orjson.dumps(message).decode())
+
+
+async def closed(ws: ClientConnection) -> tuple[int | None, str]:
+    """Read until the server closes; the close code and reason."""
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), WAIT)
+    rcvd = ws.protocol.close_rcvd
+    return (rcvd.code, rcvd.reason) if rcvd else (None, "")
+
+
+async def still_open(ws: ClientConnection) -> None:
+    await send(ws, type="ping")
+    await expect(ws, "pong")
+
+
+# -- the seed's client and the welcome ---------------------------------------------------------
+
+
+async def test_seed_s2_client_query_token_welcome_then_notification(srv: Server) -> None:
+    # new WebSocket('ws://host/api/v1/notifications/ws?token=…'), reacting to welcome and
+    # notification (seed 002).
+    token = srv.token("alice")
+    async with srv.connect("/api/v1/notifications/ws", query={"token": token}) as ws:
+        welcome = await expect(ws, "welcome")
+        assert welcome["user_id"] == "alice"
+        assert welcome["unread_count"] == 0
+        assert isinstance(welcome["message"], str) and welcome["message"]
+        assert welcome["connection_id"] and welcome["id"]
+        record = {
+            "id": "n1",
+            "type": "system",
+            "title": "工资已发放",
+            "content": "本月工资已到账",
+            "priority": "high",
+            "sender": {"id": "u0", "username": "财务", "avatar": None},
+            "unread_count": 1,
+        }
+        await srv.hub.emit("", [user_stream("alice")], "message", record, kind=NOTIFICATION)
+        note = await expect(ws, "notification")
+        assert note["notification"]["title"] == "工资已发放"
+        assert note["notification"]["sender"]["username"] == "财务"
+        assert "unread_count" not in note["notification"]
+        assert note["unread_count"] == 1
+        assert note["id"]
+
+
+async def test_both_paths_serve_the_same_broker(srv: Server) -> None:
+    token = srv.token("bob")
+    async with (
+        srv.connect("/api/v1/ws", query={"token": token}) as a,
+        srv.connect("/api/v1/notifications/ws", query={"token": token}) as b,
+    ):
+        await expect(a, "welcome")
+        await expect(b, "welcome")
+        assert srv.hub.connection_count("bob") == 2
+        await srv.publish(users=["bob"], data={"n": 1})
+        for ws in (a, b):
+            event = await expect(ws, "event")
+            assert event["event"] == "message" and event["data"] == {"n": 1}
+            assert "topic" not in event
+
+
+async def test_event_sync_and_broadcast_messages(srv: Server) -> None:
+    async with srv.connect(query={"token": srv.token("carol")}) as ws:
+        await expect(ws, "welcome")
+        await srv.publish(broadcast=True, event="maintenance", data="今晚维护")
+        event = await expect(ws, "event")
+        assert event["event"] == "maintenance" and event["data"] == "今晚维护"
+        assert "topic" not in event
+        for name in ("notification.read", "notification.deleted"):
+            await srv.hub.emit(
+                "", [user_stream("carol")], name, {"ids": ["n1"], "unread_count": 0}, kind=SYNC
+            )
+            sync = await expect(ws, name)
+            assert sync["ids"] == ["n1"] and sync["unread_count"] == 0 and sync["id"]
+
+
+# -- auth ----------------------------------------------------------------------------------------
+
+
+async def test_auth_header(srv: Server) -> None:
+    headers = {"Authorization": f"Bearer {srv.token('dave')}"}
+    async with srv.connect(additional_headers=headers) as ws:
+        assert (await expect(ws, "welcome"))["user_id"] == "dave"
+
+
+async def test_auth_access_token_query_alias(srv: Server) -> None:
+    async with srv.connect(query={"access_token": srv.token("dave")}) as ws:
+        assert (await expect(ws, "welcome"))["user_id"] == "dave"
+
+
+async def test_auth_cookie(srv: Server) -> None:
+    headers = {"Cookie": f"tidings_token={srv.token('erin')}"}
+    async with srv.connect(additional_headers=headers) as ws:
+        assert (await expect(ws, "welcome"))["user_id"] == "erin"
+
+
+async def test_auth_first_message(srv: Server) -> None:
+    async with srv.connect() as ws:
+        await send(ws, type="auth", token=srv.token("frank", tenant="acme"))
+        welcome = await expect(ws, "welcome")
+        assert welcome["user_id"] == "frank" and welcome["tenant"] == "acme"
+        await send(ws, type="auth", token=srv.token("frank"))
+        error = await expect(ws, "error")
+        assert error["code"] == "invalid_request" and error["request"] == "auth"
+        await still_open(ws)
+
+
+async def test_auth_first_message_times_out() -> None:
+    async with ws_server(auth_timeout=0.2) as srv, srv.connect() as ws:
+        code, reason = await closed(ws)
+        assert code == 4401
+        assert "auth" in reason
+
+
+@pytest.mark.parametrize(
+    "first",
+    [{"type": "ping"}, {"type": "auth"}, {"type": "auth", "token": "not.a.jwt"}, "garbage"],
+)
+async def test_auth_first_message_refused(srv: Server, first: Any) -> None:
+    async with srv.connect() as ws:
+        await ws.send(first if isinstance(first, str) else orjson.dumps(first).decode())
+        code, reason = await closed(ws)
+        assert code == 4401 and reason
+
+
+@pytest.mark.parametrize(
+    ("token", "words"),
+    [
+        ("garbage", "malformed"),
+        (mint_token("x" * 40, "mallory"), "signature"),
+        (mint_token(SECRET, "late", ttl_s=-3600), "expired"),
+    ],
+)
+async def test_bad_token_closes_4401_with_reason(srv: Server, token: str, words: str) -> None:
+    async with srv.connect(query={"token": token}) as ws:
+        code, reason = await closed(ws)
+        assert code == 4401
+        assert words in reason
+    assert srv.hub.broker.connections == {}
+
+
+async def test_api_key_cannot_open_a_stream(srv: Server) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with srv.connect(additional_headers=headers) as ws:
+        code, _ = await closed(ws)
+        assert code == 4403
+
+
+# -- origin, rate and capacity limits -----------------------------------------------------------
+
+
+async def test_allowed_origins() -> None:
+    async with ws_server(allowed_origins=["https://app.example.com"]) as srv:
+        token = srv.token("gina")
+        async with srv.connect(query={"token": token}, origin="https://app.example.com") as ws:
+            await expect(ws, "welcome")
+        async with srv.connect(query={"token": token}) as ws:  # no Origin: not a browser
+            await expect(ws, "welcome")
+        with pytest.raises(InvalidStatus) as refused:
+            async with srv.connect(query={"token": token}, origin="https://evil.example"):
+                pass
+        assert refused.value.response.status_code == 403
+        assert b"forbidden" in refused.value.response.body
+
+
+async def test_connect_rate_limit_refuses_the_handshake() -> None:
+    async with ws_server(connect_rate=0.001) as srv:
+        token = srv.token("hank")
+        async with srv.connect(query={"token": token}) as ws:
+            await expect(ws, "welcome")
+        with pytest.raises(InvalidStatus) as refused:
+            async with srv.connect(query={"token": token}):
+                pass
+        assert refused.value.response.status_code == 429
+        assert refused.value.response.headers["Retry-After"]
+
+
+async def test_per_user_capacity_closes_1013() -> None:
+    async with ws_server(max_connections_per_user=1) as srv:
+        token = srv.token("ivan")
+        async with srv.connect(query={"token": token}) as first:
+            await expect(first, "welcome")
+            async with srv.connect(query={"token": token}) as second:
+                code, reason = await closed(second)
+                assert code == 1013 and "limit" in reason
+            await still_open(first)
+
+
+# -- client messages -----------------------------------------------------------------------------
+
+
+async def test_ping_pong(srv: Server) -> None:
+    async with srv.connect(query={"token": srv.token("judy")}) as ws:
+        await expect(ws, "welcome")
+        await send(ws, type="ping")
+        assert await expect(ws, "pong") == {"type": "pong"}
+
+
+async def test_subscribe_forbidden_topic_keeps_the_socket(srv: Server) -> None:
+    token = srv.token("kim", topics=["orders:*"])
+    async with srv.connect(query={"token": token}) as ws:
+        await expect(ws, "welcome")
+        await send(ws, type="subscribe", topics=["orders:1", "payroll", "bad name!"])
+        forbidden = await expect(ws, "error")
+        assert forbidden["code"] == "forbidden" and forbidden["topic"] == "payroll"
+        invalid = await expect(ws, "error")
+        assert invalid["code"] == "invalid_request" and invalid["topic"] == "bad name!"
+        subscribed = await expect(ws, "subscribed")
+        assert subscribed["topics"] == ["orders:1"] and subscribed["id"]
+        await srv.publish(topics=["payroll"], data="secret")
+        await srv.publish(topics=["orders:1"], data={"status": "已发货"})
+        event = await expect(ws, "event")
+        assert event["topic"] == "orders:1" and event["data"] == {"status": "已发货"}
+        await still_open(ws)
+
+
+async def test_connect_query_topics(srv: Server) -> None:
+    token = srv.token("lee", topics=["news"])
+    async with srv.connect(query={"token": token, "topics": "news,secret"}) as ws:
+        welcome = await expect(ws, "welcome")
+        assert welcome["topics"] == ["news"]
+        error = await expect(ws, "error")
+        assert error["code"] == "forbidden" and error["topic"] == "secret"
+        await srv.publish(topics=["news"], data=1)
+        assert (await expect(ws, "event"))["topic"] == "news"
+
+
+async def test_unsubscribe(srv: Server) -> None:
+    token = srv.token("mia", topics=["a", "b"])
+    async with srv.connect(query={"token": token, "topics": "a"}) as ws:
+        await expect(ws, "welcome")
+        await send(ws, type="subscribe", topics=["b", "a"])
+        assert (await expect(ws, "subscribed"))["topics"] == ["b", "a"]
+        await send(ws, type="unsubscribe", topics=["a"])
+        assert (await expect(ws, "unsubscribed"))["topics"] == ["a"]
+        await srv.publish(topics=["a"], data="gone")
+        await srv.publish(topics=["b"], data="kept")
+        event = await expect(ws, "event")
+        assert (event["topic"], event["data"]) == ("b", "kept")
+        await send(ws, type="unsubscribe", topics=["b", "never"])
+        assert (await expect(ws, "unsubscribed"))["topics"] == ["b", "never"]
+        await srv.publish(topics=["b"], data="gone too")
+        await srv.publish(users=["mia"], data="personal")
+        assert (await expect(ws, "event"))["data"] == "personal"
+    assert srv.hub.broker.topic_count() == 0
+
+
+async def test_topic_limit_per_connection() -> None:
+    async with ws_server(max_topics_per_connection=2) as srv:
+        token = srv.token("ned", topics=["**"])
+        async with srv.connect(query={"token": token, "topics": "t1"}) as ws:
+            await expect(ws, "welcome")
+            await send(ws, type="subscribe", topics=["t1", "t2", "t3"])
+            error = await expect(ws, "error")
+            assert error["code"] == "invalid_request" and error["topics"] == ["t3"]
+            assert (await expect(ws, "subscribed"))["topics"] == ["t1", "t2"]
+
+
+async def test_topics_disabled() -> None:
+    async with ws_server(enable_topics=False) as srv:
+        async with srv.connect(query={"token": srv.token("oz", topics=["x"])}) as ws:
+            await expect(ws, "welcome")
+            await send(ws, type="subscribe", topics=["x"])
+            assert (await expect(ws, "error"))["code"] == "invalid_request"
+            await still_open(ws)
+
+
+async def test_mark_read_without_inbox_is_unavailable(srv: Server) -> None:
+    if getattr(srv.hub, "inbox", None) is not None:
+        pytest.skip("this server has an inbox")
+    async with srv.connect(query={"token": srv.token("pia")}) as ws:
+        await expect(ws, "welcome")
+        await send(ws, type="mark_read", notification_ids=["n1"])
+        error = await expect(ws, "error")
+        assert error["code"] == "unavailable" and error["request"] == "mark_read"
+        await still_open(ws)
+
+
+# -- bad frames ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "not json",
+        "[1, 2]",
+        '"ping"',
+        "{}",
+        '{"type": 7}',
+        '{"type": "发送"}',
+        '{"type": "subscribe"}',
+        '{"type": "subscribe", "topics": [1]}',
+        '{"type": "subscribe", "topics": "a", "last_event_id": 5}',
+        '{"type": "mark_read", "notification_ids": []}',
+        '{"type": "resume"}',
+        b"\xff\xfe binary garbage",
+    ],
+)
+async def test_bad_frames_answer_invalid_request(srv: Server, frame: str | bytes) -> None:
+    token = srv.token("quinn")
+    async with (
+        srv.connect(query={"token": token}) as ws,
+        srv.connect(query={"token": token}) as other,
+    ):
+        await expect(ws, "welcome")
+        await expect(other, "welcome")
+        await ws.send(frame)
+        error = await expect(ws, "error")
+        assert error["code"] == "invalid_request" and error["message"]
+        await still_open(ws)
+        await srv.publish(users=["quinn"], data="both")
+        assert (await expect(ws, "event"))["data"] == "both"
+        assert (await expect(other, "event"))["data"] == "both"
+
+
+async def test_binary_json_frame_is_understood(srv: Server) -> None:
+    async with srv.connect(query={"token": srv.token("rae")}) as ws:
+        await expect(ws, "welcome")
+        await ws.send(b'{"type": "ping"}')
+        await expect(ws, "pong")
+
+
+async def test_huge_frame_closes_1009_and_spares_others() -> None:
+    async with ws_server(max_payload=1024) as srv:
+        token = srv.token("sam")
+        async with (
+            srv.connect(query={"token": token}) as ws,
+            srv.connect(query={"token": token}) as other,
+        ):
+            await expect(ws, "welcome")
+            await expect(other, "welcome")
+            await send(ws, type="ping", padding="x" * 4096)
+            code, _ = await closed(ws)
+            assert code == 1009
+            await still_open(other)
+
+
+# -- resume --------------------------------------------------------------------------------------
+
+
+async def test_resume_on_connect_is_exact(srv: Server) -> None:
+    token = srv.token("tom", topics=["room"])
+    query = {"token": token, "topics": "room"}
+    async with srv.connect(query=query) as ws:
+        await expect(ws, "welcome")
+        await srv.publish(users=["tom"], data=0)
+        last = (await expect(ws, "event"))["id"]
+    missed = []
+    for i in range(1, 6):
+        missed.append(i)
+        await srv.publish(users=["tom"], data=i)
+        missed.append(f"room{i}")
+        await srv.publish(topics=["room"], data=f"room{i}")
+    await srv.publish(users=["someone-else"], data="not mine")
+    async with srv.connect(query={**query, "last_event_id": last}) as ws:
+        welcome = await expect(ws, "welcome")
+        got = [(await expect(ws, "event"))["data"] for _ in missed]
+        assert got == missed
+        await srv.publish(users=["tom"], data="live")
+        live = await expect(ws, "event")
+        assert live["data"] == "live"  # nothing else came between
+        assert live["id"] != welcome["id"]
+
+
+async def test_resume_message_replays_after_the_cursor(srv: Server) -> None:
+    async with srv.connect(query={"token": srv.token("uma")}) as ws:
+        await expect(ws, "welcome")
+        await srv.publish(users=["uma"], data=1)
+        first = await expect(ws, "event")
+        await srv.publish(users=["uma"], data=2)
+        await srv.publish(users=["uma"], data=3)
+        assert [(await expect(ws, "event"))["data"] for _ in range(2)] == [2, 3]
+        await send(ws, type="resume", last_event_id=first["id"])
+        assert [(await expect(ws, "event"))["data"] for _ in range(2)] == [2, 3]
+        await srv.publish(users=["uma"], data=4)
+        assert (await expect(ws, "event"))["data"] == 4
+
+
+async def test_first_message_auth_then_resume(srv: Server) -> None:
+    async with srv.connect(query={"token": srv.token("vic")}) as ws:
+        welcome = await expect(ws, "welcome")
+    await srv.publish(users=["vic"], data="while away")
+    async with srv.connect() as ws:
+        await send(ws, type="auth", token=srv.token("vic"))
+        await expect(ws, "welcome")
+        await send(ws, type="resume", last_event_id=welcome["id"])
+        assert (await expect(ws, "event"))["data"] == "while away"
+
+
+async def test_subscribe_with_last_event_id_resumes_the_topic(srv: Server) -> None:
+    token = srv.token("wes", topics=["feed"])
+    async with srv.connect(query={"token": token}) as ws:
+        await expect(ws, "welcome")
+        await send(ws, type="subscribe", topics=["feed"])
+        last = (await expect(ws, "subscribed"))["id"]
+        await srv.publish(topics=["feed"], data="seen")
+        last = (await expect(ws, "event"))["id"]
+    await srv.publish(topics=["feed"], data="missed 1")
+    await srv.publish(users=["wes"], data="personal, missed")
+    await srv.publish(topics=["feed"], data="missed 2")
+    async with srv.connect(query={"token": token, "last_event_id": last}) as ws:
+        await expect(ws, "welcome")
+        assert (await expect(ws, "event"))["data"] == "personal, missed"
+        await send(ws, type="subscribe", topics=["feed"], last_event_id=last)
+        await expect(ws, "subscribed")
+        got = [(await expect(ws, "event"))["data"] for _ in range(2)]
+        assert got == ["missed 1", "missed 2"]
+
+
+async def test_subscribe_without_cursor_starts_live(srv: Server) -> None:
+    token = srv.token("xia", topics=["feed"])
+    await srv.publish(topics=["feed"], data="old")
+    async with srv.connect(query={"token": token}) as ws:
+        await expect(ws, "welcome")
+        await send(ws, type="subscribe", topics=["feed"])
+        await expect(ws, "subscribed")
+        await srv.publish(topics=["feed"], data="new")
+        assert (await expect(ws, "event"))["data"] == "new"
+
+
+@pytest.mark.parametrize("cursor", ["garbage!", "otherepoch.aaaaaa1"])
+async def test_unusable_cursor_resets(srv: Server, cursor: str) -> None:
+    async with srv.connect(query={"token": srv.token("yan"), "last_event_id": cursor}) as ws:
+        await expect(ws, "welcome")
+        reset = await expect(ws, "reset")
+        assert reset["reason"] and reset["id"]
+        await srv.publish(users=["yan"], data="live")
+        assert (await expect(ws, "event"))["data"] == "live"
+        await send(ws, type="resume", last_event_id=cursor)
+        assert (await expect(ws, "reset"))["reason"]
+        await still_open(ws)
+
+
+# -- slow consumers, server-side closes ----------------------------------------------------------
+
+
+async def test_slow_consumer_closed_4008_and_recovers_by_resume() -> None:
+    async with ws_server(client_buffer_size=4) as srv:
+        token = srv.token("zoe")
+        async with srv.connect(query={"token": token}, max_queue=1) as ws:
+            await expect(ws, "welcome")
+            await srv.publish(users=["zoe"], data=0)
+            last = (await expect(ws, "event"))["id"]
+            payload = "工" * 20000
+            sent = 0
+            conn = next(iter(srv.hub.broker.connections.values()))
+            while conn.closed is None:  # the client reads nothing meanwhile
+                sent += 1
+                await srv.publish(users=["zoe"], data={"n": sent, "pad": payload})
+            received = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    message = orjson.loads(await asyncio.wait_for(ws.recv(), WAIT))
+                    received.append(message["data"]["n"])
+                    last = message["id"]
+            assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 4008
+        assert received == list(range(1, len(received) + 1))
+        async with srv.connect(query={"token": token, "last_event_id": last}) as ws:
+            await expect(ws, "welcome")
+            rest = [(await expect(ws, "event"))["data"]["n"] for _ in range(sent - len(received))]
+            assert received + rest == list(range(1, sent + 1))
+        assert srv.hub.broker.stats.overflows == 1
+
+
+async def test_server_disconnect_closes_4009(srv: Server) -> None:
+    async with srv.connect(query={"token": srv.token("abe")}) as ws:
+        await expect(ws, "welcome")
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            answer = await http.post(
+                "/api/v1/disconnect",
+                json={"tenant": "", "user": "abe"},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            )
+            assert answer.status_code == 200, answer.text
+        code, _ = await closed(ws)
+        assert code == 4009
+
+
+async def test_shutdown_closes_1001() -> None:
+    async with ws_server() as srv, srv.connect(query={"token": srv.token("bea")}) as ws:
+        await expect(ws, "welcome")
+        await srv.hub.stop()
+        code, _ = await closed(ws)
+        assert code == 1001
+
+
+# -- keep-alive ----------------------------------------------------------------------------------
+
+
+class RawClient:
+    """A WebSocket client on the sans-I/O protocol that decides itself whether to pong."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from websockets.client import ClientProtocol
+
+        self.reader, self.writer = reader, writer
+        self.protocol: Any = ClientProtocol
+        self.pings = 0
+
+    @classmethod
+    async def open(cls, srv: Server, token: str) -> RawClient:
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        port = int(srv.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        self = cls(reader, writer)
+        self.protocol = ClientProtocol(parse_uri(srv.ws_url(token=token)))
+        self.protocol.send_request(self.protocol.connect())
+        self.flush()
+        return self
+
+    def flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                self.writer.write(data)
+
+    async def next_frame(self, *, answer_pings: bool) -> Any:
+        """The next frame (a ping included); None at the end of the connection."""
+        while True:
+            for event in self.protocol.events_received():
+                if getattr(event, "opcode", None) is not None:
+                    if event.opcode is Opcode.PING:
+                        self.pings += 1
+                        if answer_pings:
+                            self.flush()  # the protocol queued the pong
+                        else:
+                            self.protocol.data_to_send()  # and drop it on the floor
+                    return event
+            data = await asyncio.wait_for(self.reader.read(65536), WAIT)
+            if not data:
+                self.protocol.receive_eof()
+                return None
+            self.protocol.receive_data(data)
+
+    def send_text(self, text: str) -> None:
+        self.protocol.send_text(text.encode())
+        self.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_keepalive_closes_a_client_that_does_not_pong() -> None:
+    async with ws_server(ws_ping_interval=0.2, ws_pong_timeout=0.1) as srv:
+        client = await RawClient.open(srv, srv.token("cal"))
+        try:
+            frames = []
+            while (frame := await client.next_frame(answer_pings=False)) is not None:
+                frames.append(frame)
+                if frame.opcode is Opcode.CLOSE:
+                    break
+            assert orjson.loads(frames[0].data)["type"] == "welcome"
+            assert client.pings >= 1
+            assert frames[-1].opcode is Opcode.CLOSE
+            assert Close.parse(frames[-1].data).code == 1011
+        finally:
+            client.close()
+
+
+async def test_keepalive_keeps_a_client_that_pongs() -> None:
+    async with ws_server(ws_ping_interval=0.05, ws_pong_timeout=0.5) as srv:
+        client = await RawClient.open(srv, srv.token("dan"))
+        try:
+            while client.pings < 5:
+                frame = await client.next_frame(answer_pings=True)
+                assert frame is not None and frame.opcode is not Opcode.CLOSE
+            client.send_text('{"type": "ping"}')
+            while True:
+                frame = await client.next_frame(answer_pings=True)
+                assert frame is not None and frame.opcode is not Opcode.CLOSE
+                if frame.opcode is Opcode.TEXT:
+                    message = orjson.loads(frame.data)
+                    if message["type"] == "pong":
+                        break
+            assert client.protocol.state is ProtocolState.OPEN
+        finally:
+            client.close()
+
+
+def test_uvicorn_options_follow_the_settings() -> None:
+    options = uvicorn_options(Settings(max_payload=1000))
+    assert options == {
+        "ws_ping_interval": 54.0,
+        "ws_ping_timeout": 6.0,  # a pong due 60 s after the last one, as in the seed
+        "ws_max_size": 1000,
+        "ws_per_message_deflate": False,
+    }
+
+
+# -- the broker's support for subscribe/unsubscribe/resume on an open connection --------------
+
+
+async def test_broker_add_and_remove_streams_keep_positions_exact() -> None:
+    hub = Hub(backend=MemoryBackend(history_size=100, history_ttl=3600))
+    await hub.start()
+    try:
+        broker = hub.broker
+        who = Principal("u1", topics=("t",))
+        conn = WSSocket(who, hub.streams_for(who, []), limit=100)
+        broker.release(conn, await broker.attach(conn, None))
+        await hub.send_to_topic("t", "before")
+        cursor_without_t = conn.cursor()
+        resumption = await broker.add_streams(conn, ["t:t"])
+        await hub.send_to_topic("t", "held")  # published while the subscription opens
+        broker.release(conn, resumption)
+        await hub.send_to_topic("t", "live")
+        frames = [orjson.loads(f) for f in conn.drain()]
+        assert [f["data"] for f in frames] == ["held", "live"]
+        assert conn.cursor() != cursor_without_t and conn.reads("t:t")
+        broker.remove_streams(conn, ["t:t", "t:never"])
+        await hub.send_to_topic("t", "after")
+        assert conn.drain() == []
+        assert conn.cursor().count(".") == cursor_without_t.count(".")
+        assert broker.topic_count() == 0
+        # A cursor naming t replays it when t is subscribed again.
+        resumption = await broker.add_streams(conn, ["t:t"], frames[0]["id"])
+        broker.release(conn, resumption)
+        assert [orjson.loads(f)["data"] for f in conn.drain()] == ["live", "after"]
+        broker.detach(conn)
+        assert broker.topic_count() == 0 and broker.connections == {}
+    finally:
+        await hub.stop()
