@@ -370,12 +370,14 @@ async def test_topic_limit_per_connection() -> None:
 
 
 async def test_topics_disabled() -> None:
-    async with ws_server(enable_topics=False) as srv:
-        async with srv.connect(query={"token": srv.token("oz", topics=["x"])}) as ws:
-            await expect(ws, "welcome")
-            await send(ws, type="subscribe", topics=["x"])
-            assert (await expect(ws, "error"))["code"] == "invalid_request"
-            await still_open(ws)
+    async with (
+        ws_server(enable_topics=False) as srv,
+        srv.connect(query={"token": srv.token("oz", topics=["x"])}) as ws,
+    ):
+        await expect(ws, "welcome")
+        await send(ws, type="subscribe", topics=["x"])
+        assert (await expect(ws, "error"))["code"] == "invalid_request"
+        await still_open(ws)
 
 
 async def test_mark_read_without_inbox_is_unavailable(srv: Server) -> None:
@@ -560,6 +562,7 @@ async def test_slow_consumer_closed_4008_and_recovers_by_resume() -> None:
             while conn.closed is None:  # the client reads nothing meanwhile
                 sent += 1
                 await srv.publish(users=["zoe"], data={"n": sent, "pad": payload})
+                await asyncio.sleep(0)  # let the server write until the socket is full
             received = []
             with pytest.raises(ConnectionClosed):
                 while True:
