@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close, Opcode
 from websockets.protocol import State as ProtocolState
 
+from server import StartServer, TidingsServer
 from tidings.auth import Principal, mint_token
 from tidings.backends.memory import MemoryBackend
 from tidings.config import Settings
@@ -614,14 +615,15 @@ class RawClient:
         self.pings = 0
 
     @classmethod
-    async def open(cls, srv: Server, token: str) -> RawClient:
+    async def open(cls, url: str, token: str) -> RawClient:
         from websockets.client import ClientProtocol
         from websockets.uri import parse_uri
 
-        port = int(srv.url.rsplit(":", 1)[1])
+        port = int(url.rsplit(":", 1)[1])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         self = cls(reader, writer)
-        self.protocol = ClientProtocol(parse_uri(srv.ws_url(token=token)))
+        ws_url = "ws" + url.removeprefix("http") + "/api/v1/ws?token=" + token
+        self.protocol = ClientProtocol(parse_uri(ws_url))
         self.protocol.send_request(self.protocol.connect())
         self.flush()
         return self
@@ -657,26 +659,31 @@ class RawClient:
         self.writer.close()
 
 
+async def closed_for_silence(url: str, token: str) -> None:
+    """A client that never answers a ping is closed with 1011."""
+    client = await RawClient.open(url, token)
+    try:
+        frames = []
+        while (frame := await client.next_frame(answer_pings=False)) is not None:
+            frames.append(frame)
+            if frame.opcode is Opcode.CLOSE:
+                break
+        assert orjson.loads(frames[0].data)["type"] == "welcome"
+        assert client.pings >= 1
+        assert frames[-1].opcode is Opcode.CLOSE
+        assert Close.parse(frames[-1].data).code == 1011
+    finally:
+        client.close()
+
+
 async def test_keepalive_closes_a_client_that_does_not_pong() -> None:
     async with ws_server(ws_ping_interval=0.2, ws_pong_timeout=0.1) as srv:
-        client = await RawClient.open(srv, srv.token("cal"))
-        try:
-            frames = []
-            while (frame := await client.next_frame(answer_pings=False)) is not None:
-                frames.append(frame)
-                if frame.opcode is Opcode.CLOSE:
-                    break
-            assert orjson.loads(frames[0].data)["type"] == "welcome"
-            assert client.pings >= 1
-            assert frames[-1].opcode is Opcode.CLOSE
-            assert Close.parse(frames[-1].data).code == 1011
-        finally:
-            client.close()
+        await closed_for_silence(srv.url, srv.token("cal"))
 
 
 async def test_keepalive_keeps_a_client_that_pongs() -> None:
     async with ws_server(ws_ping_interval=0.05, ws_pong_timeout=0.5) as srv:
-        client = await RawClient.open(srv, srv.token("dan"))
+        client = await RawClient.open(srv.url, srv.token("dan"))
         try:
             while client.pings < 5:
                 frame = await client.next_frame(answer_pings=True)
@@ -737,3 +744,52 @@ async def test_broker_add_and_remove_streams_keep_positions_exact() -> None:
         assert broker.topic_count() == 0 and broker.connections == {}
     finally:
         await hub.stop()
+
+
+# -- against `tidings serve` (tests/server.py): the command's own uvicorn settings -------------
+
+
+def ws_url(server: TidingsServer, path: str = "/api/v1/ws", **query: str) -> str:
+    qs = "&".join(f"{k}={v}" for k, v in query.items())
+    return "ws" + server.url.removeprefix("http") + path + ("?" + qs if qs else "")
+
+
+async def test_serve_seed_s2_flow(server: TidingsServer) -> None:
+    url = ws_url(server, "/api/v1/notifications/ws", token=server.token("alice"))
+    async with connect(url, proxy=None, open_timeout=WAIT) as ws:
+        welcome = await expect(ws, "welcome")
+        assert welcome["user_id"] == "alice" and welcome["unread_count"] == 0
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            answer = await http.post(
+                "/api/v1/publish",
+                json={"users": ["alice"], "event": "approval", "data": {"title": "请审批报销单"}},
+                headers={"Authorization": f"Bearer {server.api_key}"},
+            )
+        assert answer.status_code == 202, answer.text
+        event = await expect(ws, "event")
+        assert event["event"] == "approval" and event["data"] == {"title": "请审批报销单"}
+
+
+async def test_serve_keepalive_and_frame_limit(start_server: StartServer) -> None:
+    server = start_server(ws_ping_interval="0.2", ws_pong_timeout="0.1", max_payload="1024")
+    await closed_for_silence(server.url, server.token("cal"))
+    async with connect(ws_url(server, token=server.token("cal")), proxy=None) as ws:
+        await expect(ws, "welcome")
+        await send(ws, type="ping", padding="x" * 2048)
+        code, _ = await closed(ws)
+        assert code == 1009
+
+
+async def test_serve_shutdown_closes_1001_and_restart_resets(start_server: StartServer) -> None:
+    server = start_server()
+    async with connect(ws_url(server, token=server.token("bo")), proxy=None) as ws:
+        welcome = await expect(ws, "welcome")
+        stopping = asyncio.create_task(asyncio.to_thread(server.stop))
+        code, _ = await closed(ws)
+        assert code == 1001
+        await stopping
+    await asyncio.to_thread(server.start)
+    url = ws_url(server, token=server.token("bo"), last_event_id=welcome["id"])
+    async with connect(url, proxy=None) as ws:
+        await expect(ws, "welcome")
+        assert "restart" in (await expect(ws, "reset"))["reason"]

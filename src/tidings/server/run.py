@@ -14,7 +14,7 @@ from ..event import CloseReason
 from ..hub import Hub
 from ..logs import configure
 from .app import create_app
-from .websocket import uvicorn_options
+from .websocket import said_goodbye, uvicorn_options
 
 log = logging.getLogger("tidings.serve")
 
@@ -58,6 +58,7 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         closed = self.hub.broker.close_all(CloseReason.SHUTDOWN)
         log.info("shutting down: told %d connections to reconnect elsewhere", closed)
+        await said_goodbye(self.hub)  # WebSockets close with 1001 before uvicorn's 1012
         await super().shutdown(sockets)
 
 

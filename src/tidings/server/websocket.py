@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..event import CloseReason, topic_stream
+from ..hub import Hub
 from ..types import Receive, Scope, Send
 from .http import client_ip, principal, state
 from .state import State
@@ -121,6 +123,23 @@ def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
     return False
 
 
+async def said_goodbye(hub: Hub, within: float = 1.0) -> None:
+    """Until every open WebSocket of `hub` has closed with its own code (or `within` s).
+
+    A server shutting down calls it after `close_all(SHUTDOWN)`: uvicorn's shutdown
+    closes the sockets still open itself, with 1012 instead of 1001.
+    """
+    waits = [
+        asyncio.ensure_future(session.finished.wait())
+        for session in list(_open)
+        if session.st.hub is hub and session.conn is not None and not session.finished.is_set()
+    ]
+    if waits:
+        _, late = await asyncio.wait(waits, timeout=within)
+        for wait in late:
+            wait.cancel()
+
+
 class WSSocket(WSConnection):
     """A WebSocket connection; keep-alive is protocol pings, so no JSON heartbeats."""
 
@@ -188,6 +207,8 @@ class _Session:
         self.receive = receive
         self.send = send
         self.auth_timeout = timeout
+        self.conn: WSSocket | None = None
+        self.finished = asyncio.Event()
 
     async def close(self, code: int, reason: str) -> None:
         message = {"type": "websocket.close", "code": code, "reason": _close_reason(reason)}
@@ -200,6 +221,14 @@ class _Session:
     # -- opening ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        _open.add(self)
+        try:
+            await self._run()
+        finally:
+            self.finished.set()
+            _open.discard(self)
+
+    async def _run(self) -> None:
         st, request = self.st, self.request
         try:
             who = await self.authenticate()
@@ -218,6 +247,7 @@ class _Session:
             who, st.hub.streams_for(who, topics), limit=self.settings.client_buffer_size
         )
         broker = st.hub.broker
+        self.conn = conn
         reader = pump = None
         failure: TidingsError | None = None
         try:
@@ -256,13 +286,16 @@ class _Session:
             for task in (reader, pump):
                 if task is not None:
                     task.cancel()
-            broker.detach(conn)
-            log.debug("ws close %s reason=%s", conn.id, conn.closed.name if conn.closed else "-")
-        reason = conn.closed
-        if failure is not None:
-            await self.close_for(failure)
-        elif reason is not None and reason is not CloseReason.CLIENT:
-            await self.close(reason.code, reason.text)
+            reason = conn.closed
+            try:
+                # Before detaching: a shutdown waits for the sockets to say goodbye.
+                if failure is not None:
+                    await self.close_for(failure)
+                elif reason is not None and reason is not CloseReason.CLIENT:
+                    await self.close(reason.code, reason.text)
+            finally:
+                broker.detach(conn)
+                log.debug("ws close %s reason=%s", conn.id, reason.name if reason else "-")
 
     async def authenticate(self) -> Principal | None:
         """Header, query or cookie; else the first message, within the auth timeout."""
@@ -427,6 +460,8 @@ class _Session:
             await inbox.mark_read(who, list(msg.ids))
         return []
 
+
+_open: weakref.WeakSet[_Session] = weakref.WeakSet()
 
 _TYPES: dict[type, str] = {
     wsproto.Ping: "ping",
