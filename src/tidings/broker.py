@@ -219,6 +219,48 @@ class Broker:
             count += conn.deliver(event, force=True)
         self.stats.delivered += count
 
+    async def resync(self) -> None:
+        """Catch every local connection up from history (the backend reconnected).
+
+        While a backend's fan-out was cut off, other instances went on
+        publishing; their events are in history. Each connection gets what
+        follows its positions (duplicates are dropped by position, as ever).
+        A connection whose history is gone, or that was opened under another
+        epoch (the backend lost its data), is closed with DISCONNECTED: its
+        client reconnects and gets a proper `reset`. Connections still
+        opening hold what this finds until their `release`.
+        """
+        epoch = self.backend.epoch
+        caught_up = 0
+        for conn in tuple(self.connections.values()):
+            if conn.closed is not None:
+                continue
+            if conn.epoch != epoch:
+                conn.close(CloseReason.DISCONNECTED)
+                continue
+            runs: list[list[Event]] = []
+            lost = False
+            for stream in tuple(conn.streams):
+                position = conn.positions.get(stream)
+                if position is None:
+                    continue  # not positioned yet: its own attach reads from now on
+                events = await self.backend.history(conn.tenant, stream, position)
+                if events is None:
+                    lost = True
+                    break
+                if events:
+                    runs.append(events)
+            if lost:
+                conn.close(CloseReason.DISCONNECTED)
+                continue
+            if conn.closed is not None or conn.id not in self.connections:
+                continue
+            for event in _merge(runs):
+                caught_up += conn.offer(event)
+        self.stats.delivered += caught_up
+        if caught_up:
+            log.info("resync: caught up %d deliveries from history", caught_up)
+
     def detach(self, conn: Connection) -> None:
         if self.connections.pop(conn.id, None) is None:
             return

@@ -74,4 +74,8 @@ def create_backend(url: str, *, history_size: int, history_ttl: float) -> Backen
         from .memory import MemoryBackend
 
         return MemoryBackend(history_size=history_size, history_ttl=history_ttl)
-    raise ValueError(f"unsupported broker URL scheme {scheme!r} (use memory://)")
+    if scheme in ("redis", "rediss"):
+        from .redis import RedisBackend  # needs the `redis` extra
+
+        return RedisBackend(url, history_size=history_size, history_ttl=history_ttl)
+    raise ValueError(f"unsupported broker URL scheme {scheme!r} (use memory:// or redis://)")

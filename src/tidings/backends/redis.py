@@ -1,0 +1,460 @@
+"""The Redis backend (`redis://`, `rediss://`): several instances form one service.
+
+Layout (every key starts with the URL's ``?prefix=``, default ``tidings``)::
+
+    <p>:epoch                  string  names the history; a cursor carries it
+    <p>:gen                    counter one per publish; a smaller value after a
+                                       reconnect means Redis lost writes (rollback)
+    <p>:n:<len>:<tenant>       hash    stream -> its last position (1, 2, 3 …)
+    <p>:h:<len>:<tenant>:<s>   stream  history, entry id ``<position>-0``, field ``e``
+                                       = the event as JSON; MAXLEN ~ history_size,
+                                       the key expires history_ttl after its last write
+    <p>:k:<key>                string  idempotency claims (SET NX PX)
+    <p>:ev                     channel every event, for every instance
+
+Publishing is one Lua script: check the epoch, take the next position of each
+stream (HINCRBY), XADD to each stream's history and PUBLISH the event, so
+positions, history and fan-out always agree and the order on the channel is
+the order of the positions. Positions are per-stream counters, contiguous and
+small (they go into cursors), so `history(after)` is exact by arithmetic: the
+entries after `after` must be exactly ``top - after`` ids ``after+1 … top``,
+otherwise part of it was trimmed or expired and the answer is None. The
+counters are kept without expiry (a few dozen bytes per stream ever used):
+dropping one would restart a stream at 1 under the same epoch and make old
+cursors point at new events.
+
+Fan-out is one channel that every instance reads, filtered locally by the
+broker (a dictionary lookup per event): the order of the channel is the order
+of publishing, own events included, so per-stream order holds across
+instances without any reordering logic. `subscribe`/`unsubscribe` are
+therefore no-ops (see docs/scaling.md for the trade-off).
+
+When the connection drops, `ready()` turns False and `publish` raises
+`BackendUnavailable` until a reader task has reconnected (with backoff),
+checked the epoch, subscribed again and let the broker catch every local
+connection up from history (`Broker.resync`); events read from the channel
+after that are deduplicated by position. If Redis lost its data or rolled
+back to an older snapshot, a new epoch is set and local connections are
+closed so their clients reconnect and get a `reset`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from ..errors import BackendUnavailable
+from ..event import CONTROL, EVENT, Event
+from .base import EventCallback
+
+log = logging.getLogger("tidings.backends.redis")
+
+ResyncCallback = Callable[[], Awaitable[None]]
+
+_EPOCH_ERROR = "TIDINGS_EPOCH"
+_PING_AFTER = 5.0  # seconds of silence on the channel before we ping it
+_DEAD_AFTER = 15.0  # seconds without any answer: the connection is dead
+_BACKOFF_INITIAL = 0.05
+_BACKOFF_MAX = 5.0
+_CONNECT_TIMEOUT = 10.0  # at start-up, how long `connect()` waits for Redis
+
+# KEYS: epoch, gen, counters, history_1 … history_n
+# ARGV: epoch, size, ttl_ms, channel, head, tail, then per stream: name, json name, is_user
+_PUBLISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('TIDINGS_EPOCH') end
+local gen = redis.call('INCR', KEYS[2])
+local n = #KEYS - 3
+local seqs, parts, shared = {}, {}, {}
+for i = 1, n do
+  local b = 7 + (i - 1) * 3
+  local seq = redis.call('HINCRBY', KEYS[3], ARGV[b], 1)
+  seqs[i] = seq
+  parts[i] = '[' .. ARGV[b + 1] .. ',' .. seq .. ']'
+  if ARGV[b + 2] == '0' then shared[#shared + 1] = parts[i] end
+end
+local size, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+if size > 0 then
+  local common = table.concat(shared, ',')
+  for i = 1, n do
+    local list = common
+    if ARGV[7 + (i - 1) * 3 + 2] == '1' then
+      if #shared > 0 then list = parts[i] .. ',' .. common else list = parts[i] end
+    end
+    local key = KEYS[3 + i]
+    redis.call('XADD', key, 'MAXLEN', '~', size, seqs[i] .. '-0', 'e',
+               ARGV[5] .. '[' .. list .. ']' .. ARGV[6])
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  end
+end
+redis.call('PUBLISH', ARGV[4], gen .. ' ' .. ARGV[5] .. '[' .. table.concat(parts, ',') .. ']'
+           .. ARGV[6])
+return seqs
+"""
+
+# KEYS: epoch, counters, history. ARGV: epoch, stream, after, most
+# -> {top} or {top, id1, body1, id2, body2, …}
+_HISTORY = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('TIDINGS_EPOCH') end
+local top = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
+local after = tonumber(ARGV[3])
+local out = {top}
+if after >= top or top - after > tonumber(ARGV[4]) then return out end
+local entries = redis.call('XRANGE', KEYS[3], (after + 1) .. '-0', '+', 'COUNT', top - after)
+for _, entry in ipairs(entries) do
+  out[#out + 1] = entry[1]
+  out[#out + 1] = entry[2][2]
+end
+return out
+"""
+
+# KEYS: epoch, counters. ARGV: epoch, stream … -> positions
+_TOPS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('TIDINGS_EPOCH') end
+local out = {}
+for i = 2, #ARGV do out[i - 1] = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0') end
+return out
+"""
+
+# KEYS: epoch, gen. ARGV: candidate epoch, the epoch we knew ('' if none), highest gen we saw
+# -> {epoch, gen}: a new epoch when Redis has none, or rolled back behind what we saw.
+_SYNC_EPOCH = """
+local cur = redis.call('GET', KEYS[1])
+local gen = tonumber(redis.call('GET', KEYS[2]) or '0')
+if (not cur) or (cur == ARGV[2] and gen < tonumber(ARGV[3])) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return {ARGV[1], gen}
+end
+return {cur, gen}
+"""
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """-> (the URL for redis-py, the key prefix from ``?prefix=``, default ``tidings``)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = "tidings"
+    kept = []
+    for key, value in query:
+        if key == "prefix":
+            prefix = value or prefix
+        else:
+            kept.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
+
+
+def _tenant_part(tenant: str) -> str:
+    # The length makes `<tenant>:<stream>` unambiguous whatever the tenant contains.
+    return f"{len(tenant)}:{tenant}"
+
+
+def _backoff(attempt: int) -> float:
+    return random.uniform(0.5, 1.0) * min(_BACKOFF_MAX, _BACKOFF_INITIAL * 2.0 ** min(attempt, 16))
+
+
+class RedisBackend:
+    """`Backend` on one Redis (or a Sentinel/managed primary): see the module docstring."""
+
+    def __init__(self, url: str, *, history_size: int = 1000, history_ttl: float = 86400.0) -> None:
+        self.url, self.prefix = split_url(url)
+        self.epoch = ""
+        self._size = history_size
+        self._ttl_ms = int(history_ttl * 1000)
+        self._ttl = history_ttl
+        p = self.prefix
+        self._epoch_key = p + ":epoch"
+        self._gen_key = p + ":gen"
+        self.channel = p + ":ev"
+        # No automatic retries: a publish that might have run must not run twice
+        # behind our back, and an error should become a 503 now, not in a minute.
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            self.url,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=2.0,
+            socket_timeout=10.0,
+            health_check_interval=0,
+        )
+        self._publish = self._redis.register_script(_PUBLISH)
+        self._history = self._redis.register_script(_HISTORY)
+        self._tops = self._redis.register_script(_TOPS)
+        self._sync = self._redis.register_script(_SYNC_EPOCH)
+        self._on_event: EventCallback | None = None
+        self.on_resync: ResyncCallback | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._ready = False
+        self._gen_seen = 0
+        self._kick = False  # an epoch error: the reader must re-check and resync
+        self._first: asyncio.Future[None] | None = None
+        self.reconnects = 0  # how many times the reader came back (for tests and metrics)
+        self.received = 0  # events read from the channel
+
+    # -- keys -----------------------------------------------------------------
+
+    def _counters(self, tenant: str) -> str:
+        return f"{self.prefix}:n:{_tenant_part(tenant)}"
+
+    def _hkey(self, tenant: str, stream: str) -> str:
+        return f"{self.prefix}:h:{_tenant_part(tenant)}:{stream}"
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def connect(
+        self, on_event: EventCallback, on_resync: ResyncCallback | None = None
+    ) -> None:
+        """Start reading the channel; returns once subscribed, raises if Redis does not answer.
+
+        `on_resync` (default: the `resync` of the broker whose `dispatch` is `on_event`)
+        is awaited after every reconnect, before live events flow again.
+        """
+        self._on_event = on_event
+        if on_resync is None:
+            on_resync = getattr(getattr(on_event, "__self__", None), "resync", None)
+        self.on_resync = on_resync
+        loop = asyncio.get_running_loop()
+        self._first = loop.create_future()
+        self._reader = asyncio.create_task(self._read_forever(), name="tidings-redis-reader")
+        try:
+            async with asyncio.timeout(_CONNECT_TIMEOUT):
+                await asyncio.shield(self._first)
+        except TimeoutError:
+            await self.close()
+            raise BackendUnavailable(f"Redis at {self._where()} did not answer") from None
+
+    async def close(self) -> None:
+        self._ready = False
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        self._on_event = None
+        await self._redis.aclose()
+
+    async def ready(self) -> bool:
+        if not self._ready:
+            return False
+        try:
+            async with asyncio.timeout(2.0):
+                await self._redis.ping()
+        except (RedisError, OSError, TimeoutError):
+            return False
+        return True
+
+    def _where(self) -> str:
+        parts = urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port or 6379}"
+
+    # -- the reader -------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        attempt = 0
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await self._subscribe(pubsub)
+                await self._sync_epoch()
+                if self._first is not None and not self._first.done():
+                    self._first.set_result(None)
+                elif self.on_resync is not None:
+                    # Events published while we were away are in history: catch up
+                    # before reading on (the channel buffers meanwhile).
+                    await self.on_resync()
+                self._ready = True
+                if attempt:
+                    self.reconnects += 1
+                    log.warning("reconnected to Redis at %s", self._where())
+                attempt = 0
+                await self._read(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # whatever broke, start over on a new connection
+                if self._ready or attempt == 0:
+                    log.warning("lost Redis at %s: %s; reconnecting", self._where(), exc)
+                self._ready = False
+            finally:
+                self._ready = False
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(_backoff(attempt))
+            attempt += 1
+
+    async def _subscribe(self, pubsub: aioredis.client.PubSub) -> None:
+        await pubsub.subscribe(self.channel)
+        async with asyncio.timeout(_DEAD_AFTER):
+            while True:  # only messages after this confirmation can follow
+                message = await pubsub.get_message(timeout=_DEAD_AFTER)
+                if message is not None and message["type"] == "subscribe":
+                    return
+
+    async def _sync_epoch(self) -> None:
+        candidate = "r" + secrets.token_hex(5)
+        epoch, gen = await self._sync(
+            keys=[self._epoch_key, self._gen_key],
+            args=[candidate, self.epoch, self._gen_seen],
+        )
+        epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        if epoch != self.epoch:
+            if self.epoch:
+                log.warning(
+                    "Redis history changed (data lost or rolled back): epoch %s -> %s; "
+                    "clients will reconnect and get a reset",
+                    self.epoch,
+                    epoch,
+                )
+            self.epoch = epoch
+            self._gen_seen = int(gen)
+        self._kick = False
+
+    async def _read(self, pubsub: aioredis.client.PubSub) -> None:
+        on_event = self._on_event
+        last = time.monotonic()
+        pinged = False
+        while not self._kick:
+            message = await pubsub.get_message(timeout=1.0)
+            now = time.monotonic()
+            if message is None:
+                if now - last > _DEAD_AFTER:
+                    raise ConnectionError("no answer from Redis")
+                if now - last > _PING_AFTER and not pinged:
+                    await pubsub.ping()
+                    pinged = True
+                continue
+            last, pinged = now, False
+            if message["type"] != "message":
+                continue
+            raw: bytes = message["data"]
+            gen, _, body = raw.partition(b" ")
+            try:
+                event = Event.from_json(body)
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignored a malformed event on %s", self.channel)
+                continue
+            g = int(gen)
+            if g > self._gen_seen:
+                self._gen_seen = g
+            self.received += 1
+            if on_event is not None:
+                on_event(event)
+        raise ConnectionError("the history epoch changed under us")
+
+    # -- publishing -------------------------------------------------------------
+
+    def _check(self) -> None:
+        if not self._ready:
+            raise BackendUnavailable(f"the broker (Redis at {self._where()}) is unavailable")
+
+    def _failed(self, exc: Exception) -> BackendUnavailable:
+        if isinstance(exc, ResponseError) and _EPOCH_ERROR in str(exc):
+            self._kick = True
+            self._ready = False
+            return BackendUnavailable("the broker's history changed; retry shortly")
+        return BackendUnavailable(f"the broker (Redis at {self._where()}) failed: {exc}")
+
+    async def publish(
+        self,
+        tenant: str,
+        streams: Sequence[str],
+        name: str,
+        data: Any,
+        event_id: str,
+        kind: str = EVENT,
+    ) -> Event:
+        self._check()
+        ts = time.time()
+        fields = {"id": event_id, "tenant": tenant, "name": name, "data": data, "ts": ts}
+        fields["kind"] = kind
+        if kind == CONTROL:
+            # Instructions to every instance, not history: no positions.
+            event = Event(event_id, tenant, name, data, tuple((s, 0) for s in streams), ts, kind)
+            try:
+                await self._redis.publish(self.channel, b"0 " + event.to_json())
+            except (RedisError, OSError) as exc:
+                raise self._failed(exc) from exc
+            return event
+        head = orjson.dumps(fields)[:-1] + b',"streams":'
+        keys = [self._epoch_key, self._gen_key, self._counters(tenant)]
+        args: list[Any] = [self.epoch, self._size, self._ttl_ms, self.channel, head, b"}"]
+        for stream in streams:
+            keys.append(self._hkey(tenant, stream))
+            args += [stream, orjson.dumps(stream), "1" if stream.startswith("u:") else "0"]
+        try:
+            seqs = await self._publish(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise self._failed(exc) from exc
+        positions = tuple((s, int(q)) for s, q in zip(streams, seqs, strict=True))
+        return Event(event_id, tenant, name, data, positions, ts, kind)
+
+    async def subscribe(self, keys: Iterable[str]) -> None:
+        return None  # one channel for all (module docstring)
+
+    async def unsubscribe(self, keys: Iterable[str]) -> None:
+        return None
+
+    # -- history ----------------------------------------------------------------
+
+    # Reads need no readiness check: the scripts refuse a stale epoch, and a
+    # reconnect's catch-up (`Broker.resync`) reads history before we are ready.
+
+    async def tops(self, tenant: str, streams: Sequence[str]) -> dict[str, int]:
+        if not streams:
+            return {}
+        try:
+            values = await self._tops(
+                keys=[self._epoch_key, self._counters(tenant)], args=[self.epoch, *streams]
+            )
+        except (RedisError, OSError) as exc:
+            raise self._failed(exc) from exc
+        return {s: int(v) for s, v in zip(streams, values, strict=True)}
+
+    async def history(self, tenant: str, stream: str, after: int) -> list[Event] | None:
+        try:
+            reply = await self._history(
+                keys=[self._epoch_key, self._counters(tenant), self._hkey(tenant, stream)],
+                args=[self.epoch, stream, after, self._size],
+            )
+        except (RedisError, OSError) as exc:
+            raise self._failed(exc) from exc
+        top = int(reply[0])
+        if after > top:
+            return None  # from the future: another history's cursor
+        if after == top:
+            return []
+        count = top - after
+        entries = reply[1:]
+        if len(entries) != 2 * count or entries[0] != f"{after + 1}-0".encode():
+            return None  # trimmed (size), expired (TTL) or never kept (size 0)
+        events = [Event.from_json(body) for body in entries[1::2]]
+        if self._ttl > 0 and events[0].ts < time.time() - self._ttl:
+            return None  # older than the window, even if Redis still has it
+        return events
+
+    # -- shared keys ------------------------------------------------------------
+
+    async def claim(self, key: str, value: str, ttl: float) -> str | None:
+        try:
+            earlier = await self._redis.set(
+                f"{self.prefix}:k:{key}", value, nx=True, px=max(1, int(ttl * 1000)), get=True
+            )
+        except (RedisError, OSError) as exc:
+            raise self._failed(exc) from exc
+        if earlier is None:
+            return None
+        return earlier.decode() if isinstance(earlier, bytes) else str(earlier)
+
+    async def release(self, key: str) -> None:
+        try:
+            await self._redis.delete(f"{self.prefix}:k:{key}")
+        except (RedisError, OSError) as exc:
+            raise self._failed(exc) from exc
