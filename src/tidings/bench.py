@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import http.client
 import os
@@ -85,7 +86,7 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--interval", type=float, default=0.2, help="seconds between messages")
     p.add_argument("--topic", default="bench", help="topic (default bench)")
     p.add_argument("--tenant", default="", help="tenant (default: the default tenant)")
-    p.add_argument("--transport", choices=["sse"], default="sse")
+    p.add_argument("--transport", choices=["sse", "ws"], default="sse")
     p.add_argument("--concurrency", type=int, default=200, help="connects in flight")
     p.add_argument("--grace", type=float, default=10.0, help="max wait for late deliveries, s")
     p.add_argument("--max-seconds", type=float, default=600.0, help="bound on the whole run")
@@ -375,6 +376,81 @@ class SSESubscriber(asyncio.Protocol):
         self._tail = rest[-_TAIL:] if b"q" in rest else b""
 
 
+class WSSubscriber(SSESubscriber):
+    """One WebSocket on a bare transport: ready at the welcome message, then counts markers
+    in text frames and answers the server's pings. Offers no compression."""
+
+    __slots__ = ("_frames", "_upgraded")
+
+    def __init__(self, request: bytes, tally: Tally, ready: asyncio.Future[bool]) -> None:
+        super().__init__(request, tally, ready)
+        self._frames = b""
+        self._upgraded = False
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time_ns()
+        if not self._upgraded:
+            data = self._upgrade(data)
+        if data:
+            self._parse(self._frames + data if self._frames else data, now)
+
+    def _upgrade(self, data: bytes) -> bytes:
+        """Wait for the 101; returns the bytes after it (frames)."""
+        buf = self._buf + data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > _HEAD_LIMIT:
+                return self._fail("no-upgrade")
+            self._buf = buf
+            return b""
+        if buf[9:12] != b"101":
+            return self._fail(f"http-{buf[9:12].decode(errors='replace')}")
+        self._buf, self._upgraded = b"", True
+        return buf[end + 4 :]
+
+    def _parse(self, buf: bytes, now: int) -> None:
+        pos, size = 0, len(buf)
+        while size - pos >= 2:
+            opcode, length, head = buf[pos] & 0x0F, buf[pos + 1] & 0x7F, 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            if size - pos < head + length:
+                break
+            payload = buf[pos + head : pos + head + length]
+            pos += head + length
+            if opcode in (0x1, 0x0):  # text, continuation
+                if not self.ready.done():
+                    if b'"welcome"' in payload:
+                        self.ready.set_result(True)
+                    continue
+                for m in MARK.finditer(payload):
+                    self.tally.record(self, int(m[1]), now - int(m[2]))
+            elif opcode == 0x9 and self.transport is not None:  # ping: a masked pong
+                mask = os.urandom(4)
+                masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+                self.transport.write(bytes([0x8A, 0x80 | len(payload)]) + mask + masked)
+            elif opcode == 0x8 and self.transport is not None:  # close
+                if not self.ready.done():
+                    self._fail("closed-before-welcome")
+                self.transport.close()
+        self._frames = buf[pos:]
+
+
+def _ws_request(path: str, host: str, token: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
 async def open_subscribers(
     target: Target,
     tokens: list[str],
@@ -382,23 +458,29 @@ async def open_subscribers(
     tally: Tally,
     concurrency: int,
     progress: Progress,
+    transport: str = "sse",
 ) -> list[SSESubscriber]:
     """Connect one stream per token, at most `concurrency` handshakes at a time."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     subs: list[SSESubscriber] = []
     path = f"{target.path}/api/v1/stream?topics={quote(topic, safe='')}"
+    kind = WSSubscriber if transport == "ws" else SSESubscriber
+    if transport == "ws":
+        path = f"{target.path}/api/v1/ws?topics={quote(topic, safe='')}"
 
     async def attempt(token: str) -> SSESubscriber | None:
         request = (
             f"GET {path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
             f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
         ).encode()
+        if transport == "ws":
+            request = _ws_request(path, f"{target.host}:{target.port}", token)
         ready: asyncio.Future[bool] = loop.create_future()
         try:
             _, sub = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: SSESubscriber(request, tally, ready), target.host, target.port
+                    lambda: kind(request, tally, ready), target.host, target.port
                 ),
                 READY_TIMEOUT,
             )
@@ -481,7 +563,9 @@ async def fanout(args: argparse.Namespace, target: Target, progress: Progress) -
         for i in range(args.n)
     ]
     started = time.monotonic()
-    subs = await open_subscribers(target, tokens, args.topic, tally, args.concurrency, progress)
+    subs = await open_subscribers(
+        target, tokens, args.topic, tally, args.concurrency, progress, args.transport
+    )
     connect_s = time.monotonic() - started
     ready = len(subs)
     tally.expected = ready * args.messages
