@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -30,7 +31,15 @@ import orjson
 
 from tidings.wire import SSEEvent, SSEParser
 
-__all__ = ["WAIT", "Api", "SSEClient", "StreamEnded", "open_stream", "sse_stream"]
+__all__ = [
+    "WAIT",
+    "Api",
+    "SSEClient",
+    "StreamEnded",
+    "expect_marker",
+    "open_stream",
+    "sse_stream",
+]
 
 WAIT = 10.0
 """Bound on one wait for the server, in seconds; never reached when things work."""
@@ -311,3 +320,15 @@ class Api:
         assert response.status_code == 202, response.text
         ids: list[str] = response.json()["ids"]
         return ids
+
+
+async def expect_marker(client: SSEClient, api: Api, **target: Any) -> None:
+    """Publish a fresh `marker` event to `target` and assert it is `client`'s very next event.
+
+    This proves a negative without waiting for time to pass: anything that should not
+    have reached `client` but did would arrive before the marker (one stream's order).
+    """
+    tag = "marker-" + secrets.token_hex(6)
+    await api.publish(event="marker", data=tag, **target)
+    event = await client.next_event()
+    assert (event.event, event.data) == ("marker", tag), f"expected only the marker, got {event}"
