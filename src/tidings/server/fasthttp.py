@@ -1,0 +1,171 @@
+"""Sans-I/O HTTP/1.1 for the fast path: request heads in, response heads and chunks out.
+
+Nothing here touches a socket, so every rule is tested bytes in, values out.
+`httptools` (llhttp, the parser uvicorn uses) does the parsing; this module
+only decides what the fast path may take itself: a complete, bodiless
+HTTP/1.1 ``GET`` on a stream path. Everything else is handed to uvicorn.
+"""
+
+from __future__ import annotations
+
+import http
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+import httptools
+
+MAX_HEAD = 65536
+"""Bytes of request head the fast path buffers before leaving the request to uvicorn."""
+
+HEAD_END = b"\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+_GET = b"GET "
+
+
+class HeadError(ValueError):
+    """The bytes are not a well-formed HTTP/1.x request head."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """One parsed request head; header names are lower-case bytes, as in an ASGI scope."""
+
+    method: str
+    path: str
+    raw_path: bytes
+    query: bytes
+    version: str
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    upgrade: bool
+    complete: bool  # False: a body follows the head (Content-Length or chunked)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The last value of header `name` (lower-case), or None."""
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value
+        return found
+
+
+class _Collector:
+    """httptools callbacks; it looks them up by name."""
+
+    __slots__ = ("complete", "headers", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def head_end(buffer: bytes) -> int:
+    """The length of the request head at the start of `buffer` (through the blank
+    line), or -1 while it is incomplete."""
+    at = buffer.find(HEAD_END)
+    return -1 if at < 0 else at + len(HEAD_END)
+
+
+def may_be_stream(buffer: bytes, paths: Collection[bytes]) -> bool:
+    """Whether `buffer`, the start of a request, may still become ``GET <stream path>``.
+
+    Lets every other request go to uvicorn at its first bytes, before its head is
+    complete (a POST waiting for ``100 Continue`` must not wait for us).
+    """
+    for path in paths:
+        line = _GET + path
+        if len(buffer) <= len(line):
+            if line.startswith(buffer):
+                return True
+        elif buffer.startswith(line) and buffer[len(line)] in b"? ":
+            return True
+    return False
+
+
+def parse_head(raw: bytes) -> RequestHead:
+    """Parse one request head (`raw` ends with the blank line); raises HeadError."""
+    collector = _Collector()
+    parser = httptools.HttpRequestParser(collector)
+    upgrade = False
+    try:
+        parser.feed_data(raw)
+    except httptools.HttpParserUpgrade:
+        upgrade = True
+    except httptools.HttpParserError as exc:
+        raise HeadError(str(exc) or "malformed request head") from None
+    try:
+        url = httptools.parse_url(collector.url)
+    except httptools.HttpParserInvalidURLError:
+        raise HeadError("malformed request target") from None
+    raw_path: bytes = url.path or b"/"
+    return RequestHead(
+        method=parser.get_method().decode("ascii", "replace"),
+        path=raw_path.decode("latin-1"),
+        raw_path=raw_path,
+        query=url.query or b"",
+        version=parser.get_http_version(),
+        headers=collector.headers,
+        keep_alive=bool(parser.should_keep_alive()),
+        upgrade=upgrade,
+        complete=collector.complete,
+    )
+
+
+def is_stream(head: RequestHead, paths: Collection[str]) -> bool:
+    """Whether the fast path serves this request: a bodiless HTTP/1.1 GET on a stream
+    path, not an upgrade, and no percent-escapes in the path (uvicorn decodes those)."""
+    return (
+        head.method == "GET"
+        and head.version == "1.1"
+        and head.complete
+        and not head.upgrade
+        and head.path in paths
+    )
+
+
+def status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b""
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+
+
+def response_head(
+    status: int,
+    headers: Iterable[tuple[bytes, bytes]],
+    defaults: Iterable[tuple[bytes, bytes]] = (),
+    *,
+    chunked: bool = False,
+    close: bool = False,
+) -> bytes:
+    """A response head: status line, `defaults` (uvicorn's ``date``/``server``) unless
+    `headers` has them, `headers`, then ``transfer-encoding``/``connection`` as asked."""
+    given = list(headers)
+    names = {name.lower() for name, _ in given}
+    lines = [status_line(status)]
+    lines += [b"%s: %s\r\n" % (k, v) for k, v in defaults if k.lower() not in names]
+    lines += [b"%s: %s\r\n" % (k, v) for k, v in given]
+    if chunked:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    if close and b"connection" not in names:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body; empty data gives nothing (the last chunk is separate)."""
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
