@@ -13,6 +13,7 @@ from ..config import Settings
 from ..event import CloseReason
 from ..hub import Hub
 from ..logs import configure
+from . import fastpath
 from .app import create_app
 from .websocket import said_goodbye, uvicorn_options
 
@@ -27,12 +28,14 @@ def serve(settings: Settings) -> None:
     if settings.dev_mode:
         _dev_hint(settings)
     hub = Hub(settings)
+    app = create_app(settings, hub=hub)
     config = uvicorn.Config(
-        create_app(settings, hub=hub),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
+        # SSE streams on our own protocol, everything else on uvicorn's (server/fastpath.py)
+        http=fastpath.protocol_class(app) if fastpath.enabled() else "httptools",
         lifespan="on",
         log_config=None,
         access_log=settings.log_level == "debug",
