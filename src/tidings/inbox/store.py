@@ -1,0 +1,351 @@
+"""`Inbox`: the notification records on SQLAlchemy async (SQLite or PostgreSQL).
+
+Every method is one short transaction. Writes that a push depends on return
+what the push needs (the records, the changed ids, the new unread count),
+read inside the same transaction. Nothing here knows about transports.
+
+SQLite runs in WAL mode (readers never wait for the writer) with a busy
+timeout; write transactions start with ``BEGIN IMMEDIATE`` so two writers queue
+for the lock instead of failing when one upgrades from reading to writing.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple, cast
+
+import orjson
+from sqlalchemy import ColumnElement, Dialect, Table, delete, event, func, select, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from ..errors import BackendUnavailable
+from .models import NotificationRow, new_id, utcnow
+from .schema import NewNotification, Query
+
+__all__ = ["Created", "Inbox", "Page", "create_engine", "database_url", "to_record"]
+
+log = logging.getLogger("tidings.inbox")
+
+SQLITE_BUSY_TIMEOUT_MS = 5000  # how long a writer waits for SQLite's lock before failing
+INSERT_CHUNK = 500  # rows per multi-row INSERT (x 12 columns: well under both DBs' bind limits)
+PURGE_BATCH = 5000  # rows per DELETE of the retention purge (short locks, bounded WAL)
+
+T = cast(Table, NotificationRow.__table__)
+C = T.c
+
+
+class Created(NamedTuple):
+    """One recipient's record of a create: `new` False when an idempotent retry found it."""
+
+    record: dict[str, Any]
+    new: bool
+    unread_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[dict[str, Any]]
+    total: int
+    unread_count: int
+
+
+@dataclass(slots=True)
+class Changed:
+    """What a mark-read or delete changed, and the unread count after it."""
+
+    ids: list[str] = field(default_factory=list)
+    unread_count: int = 0
+    record: dict[str, Any] | None = None
+
+
+def database_url(url: str | URL) -> URL:
+    """The URL with its async driver: ``sqlite://`` → aiosqlite, ``postgresql://`` → asyncpg."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and parsed.drivername != "sqlite+aiosqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif backend in ("postgresql", "postgres") and parsed.drivername != "postgresql+asyncpg":
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    return parsed
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def create_engine(url: str | URL) -> AsyncEngine:
+    """An async engine for the inbox: WAL and a busy timeout on SQLite, asyncpg on PostgreSQL."""
+    parsed = database_url(url)
+    options: dict[str, Any] = {"json_serializer": _json, "json_deserializer": orjson.loads}
+    if parsed.get_backend_name() != "sqlite":
+        # pre-ping: a pooled connection that a database restart closed is replaced, not used
+        return create_async_engine(parsed, pool_pre_ping=True, **options)
+    if parsed.database in (None, "", ":memory:"):
+        # One shared connection, or every connection would see its own empty database.
+        options["poolclass"] = StaticPool
+    engine = create_async_engine(parsed, **options)
+    event.listen(engine.sync_engine, "connect", _sqlite_connect)
+    event.listen(engine.sync_engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
+    # The driver's own implicit BEGIN is off: `_sqlite_begin` says which BEGIN.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    for pragma in (
+        "journal_mode=WAL",
+        f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+        "synchronous=NORMAL",  # durable at each checkpoint; safe with WAL
+    ):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    mode = conn.get_execution_options().get("tidings_begin", "DEFERRED")
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def to_record(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A row as API.md §7 spells a notification."""
+    read_at = row["read_at"]
+    return {
+        "id": str(row["id"]),
+        "tenant": row["tenant"],
+        "recipient": row["recipient"],
+        "type": row["type"],
+        "title": row["title"],
+        "content": row["content"],
+        "priority": row["priority"],
+        "data": row["data"],
+        "sender": row["sender"],
+        "created_at": _iso(row["created_at"]),
+        "read_at": None if read_at is None else _iso(read_at),
+    }
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _mine(tenant: str, user: str) -> list[ColumnElement[bool]]:
+    return [C.tenant == tenant, C.recipient == user]
+
+
+class Inbox:
+    """Notification records over an `AsyncEngine` (see the module docstring)."""
+
+    def __init__(self, engine: AsyncEngine | str | URL) -> None:
+        self.engine = engine if isinstance(engine, AsyncEngine) else create_engine(engine)
+        self._writer = self.engine.execution_options(tidings_begin="IMMEDIATE")
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.engine.dialect
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        with _unavailable():
+            async with self._writer.begin() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        with _unavailable():
+            async with self.engine.connect() as conn:
+                yield conn
+
+    async def ping(self) -> bool:
+        """Whether the database answers (for /readyz)."""
+        try:
+            async with self._read() as conn:
+                await conn.execute(select(1))
+        except BackendUnavailable:
+            return False
+        return True
+
+    # -- create -------------------------------------------------------------------------
+
+    async def create(self, new: NewNotification) -> list[Created]:
+        """Store one record per recipient in one transaction, in recipient order.
+
+        With an idempotency key, a recipient who already has a record under that key
+        keeps it: the unique constraint refuses the second row (ON CONFLICT DO NOTHING),
+        and the earlier record is read back with ``new`` False.
+        """
+        now = utcnow()
+        rows: list[dict[str, Any]] = [
+            {
+                "id": new_id(),
+                "tenant": new.tenant,
+                "recipient": recipient,
+                "type": new.type,
+                "title": new.title,
+                "content": new.content,
+                "priority": new.priority,
+                "data": new.data,
+                "sender": new.sender,
+                "created_at": now,
+                "read_at": None,
+                "idempotency_key": new.idempotency_key,
+            }
+            for recipient in new.recipients
+        ]
+        async with self._write() as conn:
+            inserted: set[uuid.UUID] = set()
+            for start in range(0, len(rows), INSERT_CHUNK):
+                chunk = rows[start : start + INSERT_CHUNK]
+                result = await conn.execute(self._insert().values(chunk).returning(C.id))
+                inserted.update(result.scalars())
+            found = {r["recipient"]: r for r in rows if r["id"] in inserted}
+            if len(found) < len(rows):
+                earlier = [r["recipient"] for r in rows if r["id"] not in inserted]
+                query = select(T).where(
+                    C.tenant == new.tenant,
+                    C.idempotency_key == new.idempotency_key,
+                    C.recipient.in_(earlier),
+                )
+                for earlier_row in (await conn.execute(query)).mappings():
+                    found[earlier_row["recipient"]] = dict(earlier_row)
+            counts = await _unread_counts(conn, new.tenant, [r["recipient"] for r in rows])
+        return [
+            Created(to_record(row), row["id"] in inserted, counts.get(user, 0))
+            for user in new.recipients
+            if (row := found.get(user)) is not None  # a retry's earlier record deleted since
+        ]
+
+    def _insert(self) -> Any:
+        # Both dialects spell ON CONFLICT alike; the generic insert() has no such clause.
+        dml = postgresql if self.dialect.name == "postgresql" else sqlite
+        return dml.insert(T).on_conflict_do_nothing(
+            index_elements=[C.tenant, C.recipient, C.idempotency_key]
+        )
+
+    # -- read ---------------------------------------------------------------------------
+
+    async def get(self, tenant: str, user: str, id: uuid.UUID) -> dict[str, Any] | None:
+        async with self._read() as conn:
+            query = select(T).where(C.id == id, *_mine(tenant, user))
+            row = (await conn.execute(query)).mappings().first()
+        return None if row is None else to_record(row)
+
+    async def list(self, tenant: str, user: str, query: Query) -> Page:
+        """One page, newest first, with the filtered total and the inbox's unread count."""
+        where = _mine(tenant, user)
+        if query.unread is not None:
+            where.append(C.read_at.is_(None) if query.unread else C.read_at.is_not(None))
+        if query.type is not None:
+            where.append(C.type == query.type)
+        items = (
+            select(T)
+            .where(*where)
+            .order_by(C.created_at.desc(), C.id.desc())
+            .limit(query.page_size)
+            .offset((query.page - 1) * query.page_size)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(items)).mappings().all()
+            total = await _count(conn, where)
+            unread = await _count(conn, [*_mine(tenant, user), C.read_at.is_(None)])
+        return Page([to_record(r) for r in rows], total, unread)
+
+    async def unread_count(self, tenant: str, user: str) -> int:
+        async with self._read() as conn:
+            return await _count(conn, [*_mine(tenant, user), C.read_at.is_(None)])
+
+    # -- change -------------------------------------------------------------------------
+
+    async def mark_one_read(self, tenant: str, user: str, id: uuid.UUID) -> Changed | None:
+        """Mark one read (idempotent: `ids` is empty when it already was); None if not theirs."""
+        mine = [C.id == id, *_mine(tenant, user)]
+        async with self._write() as conn:
+            change = update(T).where(*mine, C.read_at.is_(None)).values(read_at=utcnow())
+            row = (await conn.execute(change.returning(*C))).mappings().first()
+            changed = Changed(ids=[] if row is None else [str(id)])
+            if row is None:
+                row = (await conn.execute(select(T).where(*mine))).mappings().first()
+                if row is None:
+                    return None
+            changed.record = to_record(row)
+            changed.unread_count = await _count(conn, [*_mine(tenant, user), C.read_at.is_(None)])
+        return changed
+
+    async def mark_read(
+        self, tenant: str, user: str, ids: Iterable[uuid.UUID] | None = None
+    ) -> Changed:
+        """Mark these (None: all) of the user's unread notifications read."""
+        where = [*_mine(tenant, user), C.read_at.is_(None)]
+        if ids is not None:
+            wanted = list(ids)
+            if not wanted:
+                return Changed(unread_count=await self.unread_count(tenant, user))
+            where.append(C.id.in_(wanted))
+        async with self._write() as conn:
+            change = update(T).where(*where).values(read_at=utcnow()).returning(C.id)
+            changed = Changed(ids=[str(i) for i in (await conn.execute(change)).scalars()])
+            changed.unread_count = await _count(conn, [*_mine(tenant, user), C.read_at.is_(None)])
+        return changed
+
+    async def delete(self, tenant: str, user: str, id: uuid.UUID) -> Changed | None:
+        """Delete one; None if the user has no such notification."""
+        async with self._write() as conn:
+            gone = delete(T).where(C.id == id, *_mine(tenant, user)).returning(C.id)
+            if (await conn.execute(gone)).first() is None:
+                return None
+            count = await _count(conn, [*_mine(tenant, user), C.read_at.is_(None)])
+        return Changed(ids=[str(id)], unread_count=count)
+
+    async def purge(self, older_than: timedelta) -> int:
+        """Delete every notification created before now - `older_than`; returns how many."""
+        cutoff = utcnow() - older_than
+        oldest = select(C.id).where(C.created_at < cutoff).limit(PURGE_BATCH)
+        total = 0
+        while True:
+            async with self._write() as conn:
+                result = await conn.execute(delete(T).where(C.id.in_(oldest)))
+            total += result.rowcount
+            if result.rowcount < PURGE_BATCH:
+                return total
+
+    async def unread_counts(self, tenant: str, users: Sequence[str]) -> dict[str, int]:
+        async with self._read() as conn:
+            return await _unread_counts(conn, tenant, users)
+
+
+async def _count(conn: AsyncConnection, where: list[ColumnElement[bool]]) -> int:
+    return (await conn.execute(select(func.count()).select_from(T).where(*where))).scalar_one()
+
+
+async def _unread_counts(
+    conn: AsyncConnection, tenant: str, users: Sequence[str]
+) -> dict[str, int]:
+    query = (
+        select(C.recipient, func.count())
+        .where(C.tenant == tenant, C.recipient.in_(users), C.read_at.is_(None))
+        .group_by(C.recipient)
+    )
+    return {user: count for user, count in (await conn.execute(query)).tuples()}
+
+
+@contextmanager
+def _unavailable() -> Iterator[None]:
+    """Errors of the "cannot reach the database" kind become BackendUnavailable (503)."""
+    try:
+        yield
+    except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+        raise BackendUnavailable(f"the inbox database does not answer: {exc.orig}") from exc
+    except (sa_exc.TimeoutError, OSError) as exc:
+        raise BackendUnavailable(f"the inbox database does not answer: {exc}") from exc
