@@ -99,8 +99,8 @@ if size > 0 then
     if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
   end
 end
-redis.call('PUBLISH', ARGV[4], gen .. ' ' .. ARGV[5] .. '[' .. table.concat(parts, ',') .. ']'
-           .. ARGV[6])
+redis.call('PUBLISH', ARGV[4], gen .. ' ' .. ARGV[1] .. ' ' .. ARGV[5] .. '['
+           .. table.concat(parts, ',') .. ']' .. ARGV[6])
 return seqs
 """
 
@@ -170,6 +170,7 @@ class RedisBackend:
     def __init__(self, url: str, *, history_size: int = 1000, history_ttl: float = 86400.0) -> None:
         self.url, self.prefix = split_url(url)
         self.epoch = ""
+        self._epoch_bytes = b""
         self._size = history_size
         self._ttl_ms = int(history_ttl * 1000)
         self._ttl = history_ttl
@@ -197,6 +198,7 @@ class RedisBackend:
         self._gen_seen = 0
         self._kick = False  # an epoch error: the reader must re-check and resync
         self._first: asyncio.Future[None] | None = None
+        self.epoch_check_interval = 5.0  # seconds between checks that the epoch still holds
         self.reconnects = 0  # how many times the reader came back (for tests and metrics)
         self.received = 0  # events read from the channel
 
@@ -314,6 +316,7 @@ class RedisBackend:
                     epoch,
                 )
             self.epoch = epoch
+            self._epoch_bytes = epoch.encode()
             self._gen_seen = int(gen)
         self._kick = False
 
@@ -321,9 +324,15 @@ class RedisBackend:
         on_event = self._on_event
         last = time.monotonic()
         pinged = False
+        checked = last
         while not self._kick:
             message = await pubsub.get_message(timeout=1.0)
             now = time.monotonic()
+            if now - checked > self.epoch_check_interval:
+                # A FLUSHALL leaves our connections up; an idle instance finds out here.
+                checked = now
+                if await self._redis.get(self._epoch_key) != self._epoch_bytes:
+                    break
             if message is None:
                 if now - last > _DEAD_AFTER:
                     raise ConnectionError("no answer from Redis")
@@ -335,19 +344,37 @@ class RedisBackend:
             if message["type"] != "message":
                 continue
             raw: bytes = message["data"]
-            gen, _, body = raw.partition(b" ")
+            gen, epoch, body = raw.split(b" ", 2)
+            g = int(gen)
+            if g and epoch != self._epoch_bytes:
+                break  # published under another epoch: Redis lost its data, re-check
             try:
                 event = Event.from_json(body)
             except (ValueError, KeyError, TypeError):
                 log.warning("ignored a malformed event on %s", self.channel)
                 continue
-            g = int(gen)
             if g > self._gen_seen:
                 self._gen_seen = g
             self.received += 1
             if on_event is not None:
                 on_event(event)
         raise ConnectionError("the history epoch changed under us")
+
+    # -- test hooks: cut the fan-out off as a dropped connection would ---------------
+
+    async def pause_fanout(self) -> None:
+        """Stop reading the channel and be unavailable (as if the connection dropped)."""
+        reader, self._reader = self._reader, None
+        self._ready = False
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def resume_fanout(self) -> None:
+        """Reconnect as after a drop: re-check the epoch, resync, read on."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_forever(), name="tidings-redis-reader")
 
     # -- publishing -------------------------------------------------------------
 
@@ -379,7 +406,7 @@ class RedisBackend:
             # Instructions to every instance, not history: no positions.
             event = Event(event_id, tenant, name, data, tuple((s, 0) for s in streams), ts, kind)
             try:
-                await self._redis.publish(self.channel, b"0 " + event.to_json())
+                await self._redis.publish(self.channel, b"0 - " + event.to_json())
             except (RedisError, OSError) as exc:
                 raise self._failed(exc) from exc
             return event
