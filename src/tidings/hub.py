@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .auth import Principal
 from .backends.base import Backend, create_backend
@@ -32,7 +32,11 @@ from .event import (
     topic_stream,
     user_stream,
 )
+from .inbox.schema import new_notification
 from .topics import TopicPatterns, valid_topic
+
+if TYPE_CHECKING:
+    from .inbox import InboxService
 
 log = logging.getLogger("tidings.hub")
 
@@ -143,18 +147,24 @@ class Hub:
         self.started_at = time.monotonic()
         self.running = False
         self._chores: asyncio.Task[None] | None = None
+        # The persistent inbox, when there is one: create_app() sets it from the settings.
+        self.inbox: InboxService | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
         if self.running:
             return
+        if self.inbox is not None:
+            await self.inbox.start()  # refuses an out-of-date PostgreSQL schema
         await self.backend.connect(self.broker.dispatch)
         self.running = True
         self.started_at = time.monotonic()
         self._chores = asyncio.create_task(self._run_chores(), name="tidings-chores")
 
     async def stop(self) -> None:
+        if self.inbox is not None:
+            await self.inbox.stop()
         if not self.running:
             return
         self.running = False
@@ -270,6 +280,43 @@ class Hub:
         self, data: Any, *, event: str = "message", tenant: str = "", **kw: Any
     ) -> str:
         return await self.publish(tenant=tenant, broadcast=True, event=event, data=data, **kw)
+
+    async def notify(
+        self,
+        recipients: Iterable[str] | str,
+        *,
+        tenant: str = "",
+        type: str,
+        title: str,
+        content: str = "",
+        priority: str = "normal",
+        data: dict[str, Any] | None = None,
+        sender: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Store an inbox notification per recipient, then push it to them (API.md §7).
+
+        Returns the stored records; a retry with the same `idempotency_key` returns
+        the first call's records and pushes nothing. Raises InvalidRequest for bad
+        fields, and RuntimeError when this hub has no inbox (see `inbox`).
+        """
+        if self.inbox is None:
+            raise RuntimeError(
+                "this hub has no inbox: serve it with create_app(settings, hub=hub), or set "
+                "hub.inbox = tidings.inbox.InboxService.from_settings(hub)"
+            )
+        new = new_notification(
+            recipients,
+            tenant=tenant,
+            type=type,
+            title=title,
+            content=content,
+            priority=priority,
+            data=data,
+            sender=sender,
+            idempotency_key=idempotency_key,
+        )
+        return await self.inbox.notify(new)
 
     # -- subscriptions ---------------------------------------------------------
 

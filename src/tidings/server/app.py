@@ -19,9 +19,10 @@ from ..auth import Authenticator, RequestAuthenticator
 from ..config import Settings
 from ..errors import InvalidRequest, NotFound, TidingsError
 from ..hub import Hub
+from ..inbox import InboxService
 from ..metrics import Metrics
 from ..ratelimit import RateLimiter
-from . import admin, ops, publish
+from . import admin, inbox, ops, publish
 from .http import error_response
 from .sse import SSEEndpoint
 from .state import State
@@ -45,18 +46,21 @@ def create_app(
     """
     settings = settings or Settings()
     hub = hub or Hub(settings)
+    if hub.inbox is None:
+        hub.inbox = InboxService.from_settings(hub, settings)
     state = State(
         settings,
         hub,
         authenticator or Authenticator(settings),
         Metrics(hub),
+        unread_count=hub.inbox.unread_count,
         connect_limit=RateLimiter(settings.connect_rate),
         publish_limit=RateLimiter(settings.publish_rate),
     )
     sse = SSEEndpoint()
     routes: list[BaseRoute] = [Route(path, sse, methods=["GET"]) for path in SSE_PATHS]
     routes += [WebSocketRoute(path, WebSocketEndpoint()) for path in WS_PATHS]
-    routes += publish.routes + ops.routes + admin.routes
+    routes += publish.routes + ops.routes + admin.routes + inbox.routes  # after the streams
     if settings.metrics_port is None:
         routes.append(admin.metrics_route)
 
@@ -65,7 +69,7 @@ def create_app(
         if settings.metrics_port is not None:
             # A separate listener keeps /metrics off the public port.
             start_http_server(settings.metrics_port, settings.host, registry=state.metrics.registry)
-        await hub.start()
+        await hub.start()  # and its inbox: migrates SQLite, refuses an old PostgreSQL schema
         try:
             yield
         finally:
