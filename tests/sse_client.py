@@ -87,6 +87,15 @@ class SSEClient:
         await self.wait_end()
         return orjson.loads(bytes(self.raw))
 
+    def received(self) -> list[SSEEvent]:
+        """Events already read off the socket but not yet returned; takes them, reads nothing.
+
+        Before a deliberate disconnect: these did reach the client (they moved `last_id`).
+        """
+        rest = list(self._pending)
+        self._pending.clear()
+        return rest
+
     async def next_event(self, name: str | None = None, *, within: float = WAIT) -> SSEEvent:
         """The next event not yet returned (named `name`, skipping others)."""
         async with asyncio.timeout(within):
