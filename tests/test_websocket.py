@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from websockets.frames import Close, Opcode
 from websockets.protocol import State as ProtocolState
 
 from server import StartServer, TidingsServer
+from sse_client import sse_stream
 from tidings.auth import Principal, mint_token
 from tidings.backends.memory import MemoryBackend
 from tidings.config import Settings
@@ -33,6 +35,10 @@ from tidings.event import NOTIFICATION, SYNC, user_stream
 from tidings.hub import Hub
 from tidings.server.app import create_app
 from tidings.server.websocket import WebSocketEndpoint, WSSocket, uvicorn_options
+
+# The inbox store calls SQLAlchemy 2.1's deprecated Result.tuples() (not ours to change here);
+# in process, pytest would turn that warning into a failed request.
+pytestmark = pytest.mark.filterwarnings("ignore:The Result.tuples:DeprecationWarning")
 
 SECRET = "s" * 40
 API_KEY = "test-api-key-0123456789"
@@ -65,6 +71,8 @@ class Server:
 
 @asynccontextmanager
 async def ws_server(auth_timeout: float | None = None, **overrides: Any) -> AsyncIterator[Server]:
+    workdir = tempfile.TemporaryDirectory(prefix="tidings-ws-")
+    overrides.setdefault("database_url", f"sqlite+aiosqlite:///{workdir.name}/tidings.db")
     settings = Settings(jwt_secret=SECRET, api_keys=[API_KEY], **overrides)
     hub = Hub(settings)
     app = create_app(settings, hub=hub)
@@ -85,6 +93,7 @@ async def ws_server(auth_timeout: float | None = None, **overrides: Any) -> Asyn
     finally:
         await server.shutdown(sockets=[sock])
         sock.close()
+        workdir.cleanup()
 
 
 @pytest.fixture
@@ -381,15 +390,79 @@ async def test_topics_disabled() -> None:
         await still_open(ws)
 
 
-async def test_mark_read_without_inbox_is_unavailable(srv: Server) -> None:
-    if getattr(srv.hub, "inbox", None) is not None:
-        pytest.skip("this server has an inbox")
-    async with srv.connect(query={"token": srv.token("pia")}) as ws:
+async def create_notifications(srv: Any, user: str, *titles: str) -> list[dict[str, Any]]:
+    """POST /api/v1/notifications (API.md §7) with the server's API key."""
+    key = srv.api_key if isinstance(srv, TidingsServer) else API_KEY
+    records = []
+    async with httpx.AsyncClient(base_url=srv.url, timeout=WAIT) as http:
+        for title in titles:
+            answer = await http.post(
+                "/api/v1/notifications",
+                json={"recipients": [user], "type": "system", "title": title, "priority": "high"},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert answer.status_code == 201, answer.text
+            records += answer.json()["notifications"]
+    return records
+
+
+async def test_mark_read_syncs_every_connection_of_the_user(srv: Server) -> None:
+    token = srv.token("pia")
+    async with (
+        srv.connect(query={"token": token}) as ws,
+        srv.connect(query={"token": token}) as other_ws,
+        sse_stream(srv.url, token=token) as sse,
+    ):
         await expect(ws, "welcome")
-        await send(ws, type="mark_read", notification_ids=["n1"])
-        error = await expect(ws, "error")
-        assert error["code"] == "unavailable" and error["request"] == "mark_read"
-        await still_open(ws)
+        await expect(other_ws, "welcome")
+        await sse.next_event("welcome")
+        records = await create_notifications(srv, "pia", "审批通过", "报销已到账")
+        for n, record in enumerate(records, 1):
+            for socket_ in (ws, other_ws):
+                note = await expect(socket_, "notification")
+                assert note["notification"]["id"] == record["id"]
+                assert note["unread_count"] == n
+            pushed = (await sse.next_event()).json()
+            assert pushed["id"] == record["id"] and pushed["unread_count"] == n
+        await send(ws, type="mark_read", notification_ids=[records[0]["id"]])
+        for socket_ in (ws, other_ws):
+            read = await expect(socket_, "notification.read")
+            assert read["ids"] == [records[0]["id"]] and read["unread_count"] == 1
+        synced = await sse.next_event("notification.read")
+        assert synced.json() == {"ids": [records[0]["id"]], "unread_count": 1}
+        # Already read, or not a notification of this user: acknowledged, nothing pushed.
+        await send(ws, type="mark_read", ids=[records[0]["id"], "not-a-uuid"])
+        assert await expect(ws, "notification.read") == {
+            "type": "notification.read",
+            "ids": [],
+            "unread_count": 1,
+        }
+        await send(ws, type="mark_read", all=True)
+        read = await expect(ws, "notification.read")
+        assert read["ids"] == [records[1]["id"]] and read["unread_count"] == 0
+        assert (await expect(other_ws, "notification.read"))["unread_count"] == 0
+        assert (await sse.next_event("notification.read")).json()["unread_count"] == 0
+    async with srv.connect(query={"token": token}) as ws:
+        assert (await expect(ws, "welcome"))["unread_count"] == 0
+
+
+async def test_welcome_counts_unread(srv: Server) -> None:
+    await create_notifications(srv, "quentin", "一", "二", "三")
+    async with srv.connect("/api/v1/notifications/ws", query={"token": srv.token("quentin")}) as ws:
+        assert (await expect(ws, "welcome"))["unread_count"] == 3
+
+
+async def test_mark_read_without_inbox_is_unavailable(srv: Server) -> None:
+    inbox, srv.hub.inbox = srv.hub.inbox, None  # an embedding app without one
+    try:
+        async with srv.connect(query={"token": srv.token("pia")}) as ws:
+            await expect(ws, "welcome")
+            await send(ws, type="mark_read", notification_ids=["n1"])
+            error = await expect(ws, "error")
+            assert error["code"] == "unavailable" and error["request"] == "mark_read"
+            await still_open(ws)
+    finally:
+        srv.hub.inbox = inbox
 
 
 # -- bad frames ----------------------------------------------------------------------------------
@@ -755,19 +828,24 @@ def ws_url(server: TidingsServer, path: str = "/api/v1/ws", **query: str) -> str
 
 
 async def test_serve_seed_s2_flow(server: TidingsServer) -> None:
+    # Seed 002's JavaScript client, unchanged: query token, then welcome and notification.
+    await create_notifications(server, "alice", "欢迎使用")
     url = ws_url(server, "/api/v1/notifications/ws", token=server.token("alice"))
     async with connect(url, proxy=None, open_timeout=WAIT) as ws:
         welcome = await expect(ws, "welcome")
-        assert welcome["user_id"] == "alice" and welcome["unread_count"] == 0
-        async with httpx.AsyncClient(base_url=server.url) as http:
-            answer = await http.post(
-                "/api/v1/publish",
-                json={"users": ["alice"], "event": "approval", "data": {"title": "请审批报销单"}},
-                headers={"Authorization": f"Bearer {server.api_key}"},
-            )
-        assert answer.status_code == 202, answer.text
-        event = await expect(ws, "event")
-        assert event["event"] == "approval" and event["data"] == {"title": "请审批报销单"}
+        assert welcome["user_id"] == "alice" and welcome["unread_count"] == 1
+        assert welcome["message"]
+        [record] = await create_notifications(server, "alice", "请审批报销单")
+        note = await expect(ws, "notification")
+        assert note["notification"]["title"] == "请审批报销单"
+        assert note["notification"]["id"] == record["id"]
+        assert note["notification"]["priority"] == "high"
+        assert note["unread_count"] == 2
+        await send(ws, type="ping")
+        await expect(ws, "pong")
+        await send(ws, type="mark_read", notification_ids=[record["id"]])
+        read = await expect(ws, "notification.read")
+        assert read["ids"] == [record["id"]] and read["unread_count"] == 1
 
 
 async def test_serve_keepalive_and_frame_limit(start_server: StartServer) -> None:

@@ -448,17 +448,20 @@ class _Session:
         return []
 
     async def mark_read(self, conn: WSSocket, msg: wsproto.MarkRead) -> list[bytes]:
-        inbox = getattr(self.st.hub, "inbox", None)
+        inbox = self.st.hub.inbox
         if inbox is None:
             return [wsproto.error("unavailable", "this server keeps no inbox", request="mark_read")]
         who = conn.principal
-        # The inbox pushes `notification.read` to every connection of the user, this one
-        # included: that is the acknowledgement.
         if msg.all:
-            await inbox.mark_all_read(who)
+            result = await inbox.mark_all_read(who)
         else:
-            await inbox.mark_read(who, list(msg.ids))
-        return []
+            result = await inbox.mark_read(who, msg.ids)
+        if result["updated"]:
+            # The inbox pushes `notification.read` to every connection of the user, this
+            # one included: that is the acknowledgement.
+            return []
+        # Nothing changed (already read, or not the user's): acknowledge all the same.
+        return [wsproto.message("notification.read", ids=[], unread_count=result["unread_count"])]
 
 
 _open: weakref.WeakSet[_Session] = weakref.WeakSet()
