@@ -52,18 +52,25 @@ class RequestHead:
 class _Collector:
     """httptools callbacks; it looks them up by name."""
 
-    __slots__ = ("complete", "headers", "url")
+    __slots__ = ("complete", "headers", "keep_alive", "parser", "url")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
+        self.keep_alive = False
+        self.parser: httptools.HttpRequestParser | None = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        # Asked here, as uvicorn does: llhttp resets its flags once the message is complete.
+        assert self.parser is not None
+        self.keep_alive = bool(self.parser.should_keep_alive())
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -95,7 +102,7 @@ def may_be_stream(buffer: bytes, paths: Collection[bytes]) -> bool:
 def parse_head(raw: bytes) -> RequestHead:
     """Parse one request head (`raw` ends with the blank line); raises HeadError."""
     collector = _Collector()
-    parser = httptools.HttpRequestParser(collector)
+    parser = collector.parser = httptools.HttpRequestParser(collector)
     upgrade = False
     try:
         parser.feed_data(raw)
@@ -115,7 +122,7 @@ def parse_head(raw: bytes) -> RequestHead:
         query=url.query or b"",
         version=parser.get_http_version(),
         headers=collector.headers,
-        keep_alive=bool(parser.should_keep_alive()),
+        keep_alive=collector.keep_alive,
         upgrade=upgrade,
         complete=collector.complete,
     )
