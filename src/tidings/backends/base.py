@@ -78,4 +78,10 @@ def create_backend(url: str, *, history_size: int, history_ttl: float) -> Backen
         from .redis import RedisBackend  # needs the `redis` extra
 
         return RedisBackend(url, history_size=history_size, history_ttl=history_ttl)
-    raise ValueError(f"unsupported broker URL scheme {scheme!r} (use memory:// or redis://)")
+    if scheme == "nats":
+        from .nats import NatsBackend  # needs the `nats` extra
+
+        return NatsBackend(url, history_size=history_size, history_ttl=history_ttl)
+    raise ValueError(
+        f"unsupported broker URL scheme {scheme!r} (use memory://, redis:// or nats://)"
+    )
