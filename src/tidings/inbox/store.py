@@ -337,7 +337,7 @@ async def _unread_counts(
         .where(C.tenant == tenant, C.recipient.in_(users), C.read_at.is_(None))
         .group_by(C.recipient)
     )
-    return {user: count for user, count in (await conn.execute(query)).tuples()}
+    return {user: count for user, count in await conn.execute(query)}
 
 
 @contextmanager
