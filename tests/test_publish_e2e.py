@@ -105,7 +105,7 @@ async def test_a_batch_of_1000_is_accepted_and_published_in_order(
             try:
                 received.append((await streams[-1].next_event()).json()["n"])
             except StreamEnded:
-                # Dropped (see the xfail below): resume from the last id, as clients do.
+                # If the reader were dropped as slow, it would resume from its last id.
                 last_id = streams[-1].last_id
                 streams.append(await open_stream(srv.url, token=token, last_event_id=last_id))
                 await streams[-1].next_event("welcome")
@@ -116,13 +116,6 @@ async def test_a_batch_of_1000_is_accepted_and_published_in_order(
     assert received == list(range(1000))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="publish/batch never yields to the connection pumps: every event of a batch "
-    "goes into the connection buffer first, so a batch of more than "
-    "TIDINGS_CLIENT_BUFFER_SIZE (256) events for one user closes even a reader that "
-    "keeps up as a slow consumer (server/publish.py publish_batch, connection.py push)",
-)
 async def test_a_batch_larger_than_the_buffer_does_not_drop_a_reader_that_keeps_up(
     srv: TidingsServer, api: Api, tenant: str
 ) -> None:
@@ -413,13 +406,6 @@ def _deep(depth: int) -> bytes:
     return b'{"users": ["alice"], "data": ' + b"[" * depth + b"]" * depth + b"}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data nested 255-1024 levels deep passes validation (orjson.loads allows 1024) "
-    "but cannot be encoded (orjson.dumps stops at 254): POST /api/v1/publish answers "
-    "500 internal with a traceback instead of 400 (hub.parse_message does not check "
-    "that `data` encodes; wire.encode_data raises TypeError during fan-out)",
-)
 async def test_data_too_deep_to_encode_is_400_not_500(start_server: StartServer) -> None:
     srv = start_server()
     async with (
@@ -433,13 +419,6 @@ async def test_data_too_deep_to_encode_is_400_not_500(start_server: StartServer)
     assert "Traceback" not in srv.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an event whose data cannot be encoded stays in history and poisons resume: "
-    "every reconnect with a cursor from before it gets a 200 and an empty body that ends "
-    "at once (TypeError from wire.encode_data in broker.release, sse.py), so the client "
-    "can never resume past it; expected: refused at publish (400), or skipped, never kept",
-)
 async def test_an_unencodable_event_does_not_poison_resume(start_server: StartServer) -> None:
     srv = start_server()
     token = srv.token("alice")

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from .auth import Principal
 from .backends.base import Backend, create_backend
 from .broker import Broker, TenantCounts
@@ -115,7 +117,12 @@ def parse_message(body: Any, *, tenant: str | None = None) -> Message:
     key = body.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
         raise InvalidRequest("`idempotency_key` must be a string of 1-200 characters")
-    return Message(body_tenant, users, topics, broadcast, name, body.get("data"), key)
+    data = body.get("data")
+    try:
+        orjson.dumps(data)  # refuse now what could not be sent to anyone later
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidRequest(f"`data` cannot be encoded as JSON: {exc}") from None
+    return Message(body_tenant, users, topics, broadcast, name, data, key)
 
 
 def authorize(message: Message, principal: Principal) -> None:
@@ -228,6 +235,10 @@ class Hub:
         event = await self.backend.publish(
             tenant, streams, name, data, event_id or new_event_id(), kind
         )
+        # Let connection pumps drain before the caller publishes again, so a
+        # tight loop of publishes (a batch, an app's for-loop) does not fill a
+        # prompt reader's buffer on transports that write from a task.
+        await asyncio.sleep(0)
         if kind != CONTROL:
             self.broker.stats.published += 1
             self.broker.tenant_counts.setdefault(tenant, TenantCounts()).published += 1
