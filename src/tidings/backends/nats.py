@@ -186,7 +186,7 @@ class NatsBackend:
             discard=api.DiscardPolicy.OLD,
             max_msgs_per_subject=max(1, self._size),
             max_age=self._ttl if self._ttl > 0 else None,
-            duplicate_window=1.0,
+            duplicate_window=min(1.0, self._ttl) if self._ttl > 0 else 1.0,
         )
         try:
             await self._js.add_stream(config)
@@ -368,7 +368,7 @@ class NatsBackend:
             event = Event(event_id, tenant, name, data, tuple((s, 0) for s in streams), ts, kind)
             try:
                 await self._nc.publish(f"{self.prefix}.ctl", event.to_json())
-                await self._nc.flush(timeout=_TIMEOUT)
+                await self._nc.flush(timeout=int(_TIMEOUT))
             except (NatsError, OSError, TimeoutError) as exc:
                 raise BackendUnavailable(f"the broker (NATS) failed: {exc}") from exc
             return event

@@ -1,0 +1,212 @@
+"""The NATS JetStream backend against a real NATS server (no mocks).
+
+The backend-level, two-broker and two-`tidings serve` tests are those of
+test_backend_redis.py, run here on ``nats://`` through the `broker_url` fixture.
+The restart test runs its own `nats-server` (on a free port, with its own store)
+so that it restarts a process it started, not the machine's shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from server import TidingsServer, free_port
+from sse_client import Api, open_stream
+from test_backend_redis import (  # the generic tests, collected here too
+    BackendFactory,
+    answers,
+    cluster,
+    make_backend,
+    make_hub,
+    publish_status,
+    reachable,
+    sse_data,
+    test_claims,
+    test_cross_instance_delivery,
+    test_cut_off_beyond_the_window_closes_to_reset,
+    test_disconnect_reaches_every_instance,
+    test_epoch_is_shared,
+    test_events_missed_while_cut_off_arrive_after_reconnect,
+    test_expired_history_is_none,
+    test_history_is_exact,
+    test_idempotency_across_instances,
+    test_no_history_kept,
+    test_positions_are_contiguous_per_stream,
+    test_publish_reaches_every_instance_in_order,
+    test_resume_beyond_the_window_resets,
+    test_resume_on_the_other_instance,
+    test_serve_cross_instance_delivery,
+    test_serve_kill_9_then_resume_elsewhere,
+    test_serve_resume_on_the_other_instance,
+    test_trimmed_history_is_none,
+    until,
+)
+from tidings.backends.nats import NatsBackend
+
+pytestmark = pytest.mark.integration
+
+NATS_HOST, NATS_PORT = "127.0.0.1", 4222
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+__all__ = [  # re-exported fixtures and tests (pytest collects them from this module)
+    "cluster",
+    "make_backend",
+    "make_hub",
+    "test_claims",
+    "test_cross_instance_delivery",
+    "test_cut_off_beyond_the_window_closes_to_reset",
+    "test_disconnect_reaches_every_instance",
+    "test_epoch_is_shared",
+    "test_events_missed_while_cut_off_arrive_after_reconnect",
+    "test_expired_history_is_none",
+    "test_history_is_exact",
+    "test_idempotency_across_instances",
+    "test_no_history_kept",
+    "test_positions_are_contiguous_per_stream",
+    "test_publish_reaches_every_instance_in_order",
+    "test_resume_beyond_the_window_resets",
+    "test_resume_on_the_other_instance",
+    "test_serve_cross_instance_delivery",
+    "test_serve_kill_9_then_resume_elsewhere",
+    "test_serve_resume_on_the_other_instance",
+    "test_trimmed_history_is_none",
+]
+
+
+async def drop_names(url: str) -> None:
+    """Delete the stream and buckets a backend on `url` made."""
+    names = NatsBackend(url)
+    nc = await nats.connect(names.url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        for stream in (names.stream, "KV_" + names.seq_bucket, "KV_" + names.idem_bucket):
+            with contextlib.suppress(Exception):
+                await js.delete_stream(stream)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+async def broker_url() -> AsyncIterator[str]:
+    """A NATS URL with a fresh name prefix; its stream and buckets are deleted afterwards."""
+    if not reachable(NATS_HOST, NATS_PORT):
+        pytest.skip(f"NATS is not reachable on {NATS_HOST}:{NATS_PORT}")
+    url = f"nats://{NATS_HOST}:{NATS_PORT}?prefix=tt{secrets.token_hex(5)}"
+    yield url
+    await drop_names(url)
+
+
+async def test_subject_tokens_are_safe(make_backend: BackendFactory) -> None:
+    b = await make_backend()
+    odd = ["", "a.b", "*", ">", "ü ñ", "x" * 128]
+    for tenant in odd:
+        for stream in ("u:a.b", "t:x/y@z", "b"):
+            assert (await b.publish(tenant, [stream], "m", tenant, "e")).streams == ((stream, 1),)
+    for tenant in odd:
+        events = await b.history(tenant, "u:a.b", 0)
+        assert [e.data for e in events or []] == [tenant]
+
+
+async def test_concurrent_publishers_keep_positions_contiguous(
+    make_backend: BackendFactory,
+) -> None:
+    a, b = await make_backend(), await make_backend()
+    await asyncio.gather(
+        *(
+            (a if i % 2 else b).publish("", ["t:hot", f"u:{i % 3}"], "m", i, f"e{i}")
+            for i in range(40)
+        )
+    )
+    assert (await a.tops("", ["t:hot"]))["t:hot"] == 40
+    events = await b.history("", "t:hot", 0)
+    assert events is not None
+    assert [e.seq_in("t:hot") for e in events] == list(range(1, 41))
+    assert sorted(e.data for e in events) == list(range(40))
+
+
+# -- a NATS restart mid-stream, on a server of our own ------------------------------
+
+
+class OwnNats:
+    """A `nats-server -js` this test starts, stops and restarts (same port and store)."""
+
+    def __init__(self, store: Path) -> None:
+        self.port = free_port()
+        self.store = store
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(15)
+            self.proc = None
+
+
+async def wait_listening(port: int) -> None:
+    await until(lambda: reachable("127.0.0.1", port), "nats-server to listen")
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[OwnNats]:
+    if not Path(NATS_SERVER).exists():
+        pytest.skip("nats-server is not installed")
+    server = OwnNats(tmp_path / "nats-store")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_serve_nats_restart_mid_stream(
+    own_nats: OwnNats, cluster: Callable[..., list[TidingsServer]]
+) -> None:
+    """NATS stops (publishes get 503, /readyz says so) and comes back with its store:
+    the streams stay open and go on with nothing lost."""
+    await wait_listening(own_nats.port)
+    url = own_nats.url + "?prefix=restart"
+    a, b = cluster(2, TIDINGS_BROKER_URL=url)
+    token = a.token("ann")
+    async with Api(a.url, a.api_key) as api_a, Api(b.url, b.api_key) as api_b:
+        stream = await open_stream(a.url, token=token)
+        try:
+            await stream.next_event("welcome")
+            await api_b.publish(users=["ann"], data="before")
+            assert await sse_data(stream, 1) == ["before"]
+            try:
+                await asyncio.to_thread(own_nats.stop)
+                for server, api in ((a, api_a), (b, api_b)):
+                    await until(answers(server, 503), "not ready")
+                    assert await publish_status(api, users=["ann"], data="refused") == 503
+            finally:
+                if own_nats.proc is None:
+                    own_nats.start()
+            await wait_listening(own_nats.port)
+            for server in (a, b):
+                await until(answers(server, 200), "ready", within=30)
+            await api_b.publish(users=["ann"], data="after")
+            await api_a.publish(users=["ann"], data="after-a")
+            got: list[Any] = await sse_data(stream, 2)
+            assert got == ["after", "after-a"]
+            assert not [e for e in stream.events if e.event == "reset"]
+        finally:
+            await stream.close()
