@@ -68,7 +68,7 @@ from .streams import check_capacity, requested_topics, subscriber
 
 log = logging.getLogger("tidings.fastpath")
 
-ENABLED = False
+ENABLED = True
 """The default; ``TIDINGS_FASTPATH=0`` or ``=1`` in the environment overrides it."""
 
 STREAM_PATHS = frozenset(SSE_PATHS)
