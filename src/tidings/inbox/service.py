@@ -171,7 +171,7 @@ class InboxService:
         return record
 
     async def mark_one_read(self, who: Principal, id: str) -> dict[str, Any]:
-        """Idempotent: reading a read notification changes and pushes nothing."""
+        """Idempotent: reading a read notification changes nothing (its push names no ids)."""
         await self._ready()
         key = parse_id(id)
         if key is None:
@@ -245,9 +245,10 @@ class InboxService:
             yield
 
     async def _sync(self, who: Principal, name: str, changed: Changed) -> None:
-        if changed.ids:
-            data = {"ids": changed.ids, "unread_count": changed.unread_count}
-            await self._push(who.tenant, who.user_id, name, data, kind=SYNC)
+        # Pushed even when nothing changed (`ids` empty): it is the acknowledgement a
+        # device waits for, e.g. when another device read the same notification first.
+        data = {"ids": changed.ids, "unread_count": changed.unread_count}
+        await self._push(who.tenant, who.user_id, name, data, kind=SYNC)
 
     async def _push(
         self, tenant: str, user: str, name: str, data: Any, *, kind: str = NOTIFICATION
