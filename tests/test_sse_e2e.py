@@ -34,11 +34,20 @@ SSE_PATHS = ["/api/v1/stream", "/api/v1/notifications/stream", "/api/sse/events"
 PUBLIC_TOPICS = "lobby,status:*"
 
 
+TRANSPORTS = {"fastpath": "1", "asgi": "0"}  # TIDINGS_FASTPATH: serve's own protocol, or sse.py
+
+
+@pytest.fixture(scope="module", params=sorted(TRANSPORTS))
+def transport(request: pytest.FixtureRequest) -> str:
+    """Tests that take this run against both ways `tidings serve` can serve a stream."""
+    return TRANSPORTS[request.param]
+
+
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TidingsServer]:
+def srv(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[TidingsServer]:
     """One server for the tests that need only default settings; each test uses its own
     tenant (`tenant` fixture), and tenants are walls, so tests cannot see each other."""
-    env = {"TIDINGS_PUBLIC_TOPICS": PUBLIC_TOPICS}
+    env = {"TIDINGS_PUBLIC_TOPICS": PUBLIC_TOPICS, "TIDINGS_FASTPATH": transport}
     with TidingsServer(tmp_path_factory.mktemp("sse"), env) as server:
         yield server
     assert "Traceback" not in server.log(), server.log()
@@ -191,8 +200,10 @@ async def test_api_key_cannot_open_a_stream(srv: TidingsServer) -> None:
         await expect_error(s, 403, "forbidden")
 
 
-async def test_insecure_query_auth_trusts_user_id_on_loopback(start_server: StartServer) -> None:
-    dev = start_server(TIDINGS_INSECURE_QUERY_AUTH="true")
+async def test_insecure_query_auth_trusts_user_id_on_loopback(
+    start_server: StartServer, transport: str
+) -> None:
+    dev = start_server(TIDINGS_INSECURE_QUERY_AUTH="true", TIDINGS_FASTPATH=transport)
     params = {"user_id": "bob", "tenant_id": "acme"}
     async with sse_stream(dev.url, params=params) as s, Api(dev.url, dev.api_key) as api:
         welcome = (await s.next_event("welcome")).json()
@@ -482,9 +493,9 @@ def _socket_bytes_in_flight() -> int:
 
 
 async def test_slow_consumer_is_closed_and_recovers_everything_on_resume(
-    start_server: StartServer,
+    start_server: StartServer, transport: str
 ) -> None:
-    srv = start_server(TIDINGS_CLIENT_BUFFER_SIZE="4")
+    srv = start_server(TIDINGS_CLIENT_BUFFER_SIZE="4", TIDINGS_FASTPATH=transport)
     payload = 60_000
     # Enough 60 KB events to fill the kernel's buffers and the 4-event connection buffer.
     count = math.ceil(_socket_bytes_in_flight() / payload) + 4 + 8
@@ -535,9 +546,9 @@ def _metric(text: str, name: str) -> float | None:
 
 
 async def test_200_connections_opened_and_closed_leave_nothing_behind(
-    start_server: StartServer,
+    start_server: StartServer, transport: str
 ) -> None:
-    srv = start_server()
+    srv = start_server(TIDINGS_FASTPATH=transport)
     streams: list[SSEClient] = []
     async with Api(srv.url, srv.api_key) as api:
         try:
@@ -575,9 +586,9 @@ async def test_200_connections_opened_and_closed_leave_nothing_behind(
 
 
 async def test_sigterm_tells_open_streams_to_reconnect_and_the_process_exits(
-    start_server: StartServer,
+    start_server: StartServer, transport: str
 ) -> None:
-    srv = start_server()
+    srv = start_server(TIDINGS_FASTPATH=transport)
     async with sse_stream(srv.url, token=srv.token("alice")) as s:
         await s.next_event("welcome")
         stopping = asyncio.ensure_future(asyncio.to_thread(srv.stop))  # SIGTERM, then wait
