@@ -34,7 +34,12 @@ from tidings.config import Settings
 from tidings.event import NOTIFICATION, SYNC, user_stream
 from tidings.hub import Hub
 from tidings.server.app import create_app
-from tidings.server.websocket import WebSocketEndpoint, WSSocket, uvicorn_options
+from tidings.server.websocket import (
+    DIRECT_PROTOCOL,
+    WebSocketEndpoint,
+    WSSocket,
+    uvicorn_options,
+)
 
 # The inbox store calls SQLAlchemy 2.1's deprecated Result.tuples() (not ours to change here);
 # in process, pytest would turn that warning into a failed request.
@@ -70,7 +75,15 @@ class Server:
 
 
 @asynccontextmanager
-async def ws_server(auth_timeout: float | None = None, **overrides: Any) -> AsyncIterator[Server]:
+async def ws_server(
+    auth_timeout: float | None = None,
+    *,
+    direct: bool = True,
+    deflate: bool = False,
+    **overrides: Any,
+) -> AsyncIterator[Server]:
+    """A server in this process; `direct=False` sends every frame through ASGI (the path
+    of an embedding app's own server) instead of `DirectWriter`."""
     workdir = tempfile.TemporaryDirectory(prefix="tidings-ws-")
     overrides.setdefault("database_url", f"sqlite+aiosqlite:///{workdir.name}/tidings.db")
     settings = Settings(jwt_secret=SECRET, api_keys=[API_KEY], **overrides)
@@ -82,7 +95,11 @@ async def ws_server(auth_timeout: float | None = None, **overrides: Any) -> Asyn
                 route.endpoint.auth_timeout = auth_timeout  # type: ignore[attr-defined]
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, lifespan="on", log_config=None, **uvicorn_options(settings))
+    options = uvicorn_options(settings)
+    if not direct:
+        options["ws"] = "websockets-sansio"
+    options["ws_per_message_deflate"] = deflate
+    config = uvicorn.Config(app, lifespan="on", log_config=None, **options)
     config.load()
     server = uvicorn.Server(config)
     server.lifespan = config.lifespan_class(config)
@@ -96,9 +113,9 @@ async def ws_server(auth_timeout: float | None = None, **overrides: Any) -> Asyn
         workdir.cleanup()
 
 
-@pytest.fixture
-async def srv() -> AsyncIterator[Server]:
-    async with ws_server() as s:
+@pytest.fixture(params=["direct", "asgi"])
+async def srv(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    async with ws_server(direct=request.param == "direct") as s:
         yield s
 
 
@@ -430,13 +447,12 @@ async def test_mark_read_syncs_every_connection_of_the_user(srv: Server) -> None
             assert read["ids"] == [records[0]["id"]] and read["unread_count"] == 1
         synced = await sse.next_event("notification.read")
         assert synced.json() == {"ids": [records[0]["id"]], "unread_count": 1}
-        # Already read, or not a notification of this user: acknowledged, nothing pushed.
+        # Already read, or not a notification of this user: acknowledged, nothing changed.
         await send(ws, type="mark_read", ids=[records[0]["id"], "not-a-uuid"])
-        assert await expect(ws, "notification.read") == {
-            "type": "notification.read",
-            "ids": [],
-            "unread_count": 1,
-        }
+        read = await expect(ws, "notification.read")
+        assert read["ids"] == [] and read["unread_count"] == 1
+        assert (await expect(other_ws, "notification.read"))["ids"] == []
+        assert (await sse.next_event("notification.read")).json()["ids"] == []
         await send(ws, type="mark_read", all=True)
         read = await expect(ws, "notification.read")
         assert read["ids"] == [records[1]["id"]] and read["unread_count"] == 0
@@ -623,8 +639,9 @@ async def test_unusable_cursor_resets(srv: Server, cursor: str) -> None:
 # -- slow consumers, server-side closes ----------------------------------------------------------
 
 
-async def test_slow_consumer_closed_4008_and_recovers_by_resume() -> None:
-    async with ws_server(client_buffer_size=4) as srv:
+@pytest.mark.parametrize("direct", [True, False])
+async def test_slow_consumer_closed_4008_and_recovers_by_resume(direct: bool) -> None:
+    async with ws_server(client_buffer_size=4, direct=direct) as srv:
         token = srv.token("zoe")
         async with srv.connect(query={"token": token}, max_queue=1) as ws:
             await expect(ws, "welcome")
@@ -781,7 +798,23 @@ def test_uvicorn_options_follow_the_settings() -> None:
         "ws_ping_timeout": 6.0,  # a pong due 60 s after the last one, as in the seed
         "ws_max_size": 1000,
         "ws_per_message_deflate": False,
+        "ws": DIRECT_PROTOCOL,
     }
+
+
+async def test_direct_writes_unless_deflate_is_negotiated() -> None:
+    for deflate in (False, True):
+        async with ws_server(deflate=deflate) as srv:
+            compression = "deflate" if deflate else None
+            query = {"token": srv.token("eve")}
+            async with srv.connect(query=query, compression=compression) as ws:
+                await expect(ws, "welcome")
+                [conn] = srv.hub.broker.connections.values()
+                # Frames written directly would bypass the compressor.
+                assert (conn.direct is None) is deflate
+                await srv.publish(users=["eve"], data="压缩" * 1000)
+                assert (await expect(ws, "event"))["data"] == "压缩" * 1000
+                await still_open(ws)
 
 
 # -- the broker's support for subscribe/unsubscribe/resume on an open connection --------------

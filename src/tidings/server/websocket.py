@@ -83,13 +83,18 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     * frames over ``TIDINGS_MAX_PAYLOAD`` bytes close the connection (1009).
     * permessage-deflate only when ``ws_per_message_deflate`` is set: compression is per
       connection, so it would cost every recipient of a fan-out its own deflate.
+    * uvicorn's WebSocket protocol with direct writes (`DIRECT_PROTOCOL`), so fan-out
+      puts each event frame straight on the socket instead of through an ASGI send.
     """
-    return {
+    options: dict[str, Any] = {
         "ws_ping_interval": settings.ws_ping_interval,
         "ws_ping_timeout": pong_deadline(settings.ws_ping_interval, settings.ws_pong_timeout),
         "ws_max_size": settings.max_payload,
         "ws_per_message_deflate": bool(getattr(settings, "ws_per_message_deflate", False)),
     }
+    if DIRECT_PROTOCOL is not None:
+        options["ws"] = DIRECT_PROTOCOL
+    return options
 
 
 def pong_deadline(ping_interval: float, pong_timeout: float) -> float:
@@ -138,6 +143,107 @@ async def said_goodbye(hub: Hub, within: float = 1.0) -> None:
         _, late = await asyncio.wait(waits, timeout=within)
         for wait in late:
             wait.cancel()
+
+
+def _text_header(size: int) -> bytes:
+    """The head of an unmasked, final text frame (server to client, RFC 6455 §5.2)."""
+    if size < 126:
+        return bytes((0x81, size))
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big")
+    return b"\x81\x7f" + size.to_bytes(8, "big")
+
+
+class DirectWriter:
+    """Writes a connection's frames straight to its socket while the socket takes them.
+
+    The fan-out hot path: `Connection.push` calls `write` (as `conn.direct`) — no task,
+    no wake-up, no ASGI send per recipient, as the SSE fast path does. While the
+    transport's buffer is over its high-water mark the connection has no `direct`, so
+    frames wait in its bounded buffer (an overflow closes it as SLOW); when the socket
+    drains, the buffer is written in order and `direct` comes back. Offered by
+    `DIRECT_PROTOCOL` as the ASGI extension ``tidings.direct`` when no extension
+    (permessage-deflate) was negotiated, since frames bypass the protocol's encoder.
+    """
+
+    __slots__ = ("conn", "protocol")
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.conn: WSConnection | None = None
+
+    def attach(self, conn: WSConnection) -> None:
+        """Write what `conn` has buffered, then each frame as it is pushed."""
+        self.conn = conn
+        if self.protocol.writable.is_set():
+            self.resumed()
+        else:
+            self.paused()
+
+    def detach(self) -> None:
+        if self.conn is not None:
+            self.conn.direct = None
+            self.conn = None
+
+    def write(self, frame: bytes) -> None:
+        protocol = self.protocol
+        if protocol.close_sent or protocol.transport.is_closing():
+            return  # closing: the client resumes what it missed
+        protocol.transport.write(_text_header(len(frame)) + frame)
+
+    def paused(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.direct = None
+            conn.busy_since = conn.busy_since or time.monotonic()
+
+    def resumed(self) -> None:
+        conn = self.conn
+        if conn is None or conn.closed is not None:
+            return
+        for frame in conn.drain():
+            self.write(frame)
+        if self.protocol.writable.is_set():  # not paused again by the writes above
+            conn.busy_since = 0.0
+            conn.direct = self.write
+
+
+DIRECT_PROTOCOL: type[asyncio.Protocol] | None
+try:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.http11 import Request
+except ImportError:  # uvicorn before 0.35: frames go through ASGI sends
+    DIRECT_PROTOCOL = None
+else:
+
+    class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
+        """uvicorn's WebSocket protocol (handshake, pings, receiving, closing), plus a
+        `DirectWriter` for the app in the ASGI extension ``tidings.direct``."""
+
+        writer: DirectWriter | None = None
+
+        def handle_connect(self, event: Request) -> None:
+            super().handle_connect(event)
+            if self.response.status_code == 101 and not self.conn.extensions:
+                self.writer = DirectWriter(self)
+                self.scope["extensions"]["tidings.direct"] = {"writer": self.writer}
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self.writer is not None:
+                self.writer.paused()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.writer is not None:
+                self.writer.resumed()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.writer is not None:
+                self.writer.detach()
+            super().connection_lost(exc)
+
+    DIRECT_PROTOCOL = DirectWebSocketProtocol
 
 
 class WSSocket(WSConnection):
@@ -248,7 +354,9 @@ class _Session:
         )
         broker = st.hub.broker
         self.conn = conn
-        reader = pump = None
+        reader: asyncio.Future[None] | None = None
+        pump: asyncio.Future[Any] | None = None
+        writer: DirectWriter | None = None
         failure: TidingsError | None = None
         try:
             resumption = await broker.attach(
@@ -274,7 +382,14 @@ class _Session:
                 "ws open %s user=%r tenant=%r topics=%s", conn.id, who.user_id, who.tenant, topics
             )
             reader = asyncio.ensure_future(self.read(conn))
-            pump = asyncio.ensure_future(_pump(conn, self.send))
+            writer = _direct_writer(request.scope)
+            if writer is not None:
+                closed = asyncio.Event()
+                conn.on_close(lambda _: closed.set())
+                writer.attach(conn)  # from now on, frames go straight to the socket
+                pump = asyncio.ensure_future(closed.wait())
+            else:
+                pump = asyncio.ensure_future(_pump(conn, self.send))
             conn.on_close(_unstick(conn, pump))
             await asyncio.wait((reader, pump), return_when=asyncio.FIRST_COMPLETED)
         except TidingsError as exc:  # the backend failed while opening
@@ -283,6 +398,8 @@ class _Session:
             log.exception("ws %s: opening failed", conn.id)
             failure = TidingsError("internal error; it has been logged")
         finally:
+            if writer is not None:
+                writer.detach()
             for task in (reader, pump):
                 if task is not None:
                     task.cancel()
@@ -451,17 +568,13 @@ class _Session:
         inbox = self.st.hub.inbox
         if inbox is None:
             return [wsproto.error("unavailable", "this server keeps no inbox", request="mark_read")]
-        who = conn.principal
+        # The inbox pushes `notification.read` to every connection of the user, this one
+        # included, as the acknowledgement (with no `ids` when nothing changed).
         if msg.all:
-            result = await inbox.mark_all_read(who)
+            await inbox.mark_all_read(conn.principal)
         else:
-            result = await inbox.mark_read(who, msg.ids)
-        if result["updated"]:
-            # The inbox pushes `notification.read` to every connection of the user, this
-            # one included: that is the acknowledgement.
-            return []
-        # Nothing changed (already read, or not the user's): acknowledge all the same.
-        return [wsproto.message("notification.read", ids=[], unread_count=result["unread_count"])]
+            await inbox.mark_read(conn.principal, msg.ids)
+        return []
 
 
 _open: weakref.WeakSet[_Session] = weakref.WeakSet()
@@ -484,6 +597,12 @@ def _unstick(conn: WSSocket, pump: asyncio.Future[None]) -> Callable[[CloseReaso
             pump.cancel()
 
     return cancel
+
+
+def _direct_writer(scope: Scope) -> DirectWriter | None:
+    offer = scope.get("extensions", {}).get("tidings.direct")
+    writer = offer.get("writer") if isinstance(offer, dict) else None
+    return writer if isinstance(writer, DirectWriter) else None
 
 
 def _reset(conn: WSSocket, reason: str) -> bytes:
