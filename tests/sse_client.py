@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import secrets
 import socket
+import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -138,6 +139,14 @@ class SSEClient:
         rest = list(self._pending)
         self._pending.clear()
         return rest
+
+    async def abort(self) -> None:
+        """Close with a TCP reset (SO_LINGER 0), as a crashed client or a dropped network does."""
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await self.close()
 
     async def close(self) -> None:
         self._writer.close()

@@ -18,6 +18,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,16 @@ BAD_TOKENS = {
     "wrong_signature": lambda srv: mint_token("w" * 48, "alice"),
     "alg_none": _alg_none,
     "no_sub": lambda srv: jwt.encode({"exp": 4_000_000_000}, srv.secret, algorithm="HS256"),
+    "sub_not_a_string": lambda srv: jwt.encode({"sub": 5}, srv.secret, algorithm="HS256"),
+    "sub_too_long": lambda srv: jwt.encode({"sub": "u" * 129}, srv.secret, algorithm="HS256"),
+    "tenant_not_a_string": lambda srv: jwt.encode(
+        {"sub": "alice", "tenant": 5}, srv.secret, algorithm="HS256"
+    ),
+    "not_yet_valid": lambda srv: jwt.encode(
+        {"sub": "alice", "nbf": time.time() + 600}, srv.secret, algorithm="HS256"
+    ),
+    "hs512": lambda srv: jwt.encode({"sub": "alice"}, srv.secret, algorithm="HS512"),
+    "api_key_in_the_query": lambda srv: srv.api_key,  # keys belong in the header only
 }
 
 
@@ -189,10 +200,20 @@ async def test_missing_credential_is_401_before_the_stream(srv: TidingsServer) -
 @pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
 async def test_bad_token_is_401_json_before_the_stream(srv: TidingsServer, kind: str) -> None:
     token = BAD_TOKENS[kind](srv)
-    async with sse_stream(srv.url, token=token) as s:
-        await expect_error(s, 401, "unauthorized")
+    if kind != "api_key_in_the_query":
+        async with sse_stream(srv.url, token=token) as s:
+            await expect_error(s, 401, "unauthorized")
     async with sse_stream(srv.url, params={"token": token}) as s:
         await expect_error(s, 401, "unauthorized")
+
+
+@pytest.mark.parametrize("authorization", ["Bearer ", "Basic YWxpY2U6cHc=", "Token abc"])
+async def test_an_empty_or_foreign_authorization_header_falls_through_to_the_query(
+    srv: TidingsServer, authorization: str
+) -> None:
+    params = {"token": srv.token("alice")}
+    async with sse_stream(srv.url, headers={"Authorization": authorization}, params=params) as s:
+        assert (await s.next_event("welcome")).json()["user_id"] == "alice"
 
 
 async def test_api_key_cannot_open_a_stream(srv: TidingsServer) -> None:
@@ -256,6 +277,41 @@ async def test_malformed_topic_name_is_400_before_the_stream(
     token = srv.token("alice", topics=["**"])
     async with sse_stream(srv.url, token=token, params={"topics": topic}) as s:
         await expect_error(s, 400, "invalid_request")
+
+
+async def test_more_than_64_topics_is_400(srv: TidingsServer) -> None:
+    token = srv.token("alice", topics=["**"])
+    params = {"topics": ",".join(f"room{n}" for n in range(65))}
+    async with sse_stream(srv.url, token=token, params=params) as s:
+        await expect_error(s, 400, "invalid_request")
+
+
+async def test_connection_limits_answer_503_with_retry_after(
+    start_server: StartServer, transport: str
+) -> None:
+    srv = start_server(
+        TIDINGS_MAX_CONNECTIONS="3",
+        TIDINGS_MAX_CONNECTIONS_PER_USER="2",
+        TIDINGS_FASTPATH=transport,
+    )
+    streams = []
+    try:
+        for user, status in [("a", 200), ("a", 200), ("a", 503), ("b", 200), ("c", 503)]:
+            s = await open_stream(srv.url, token=srv.token(user))
+            streams.append(s)
+            if status == 200:
+                await s.next_event("welcome")
+            else:
+                await expect_error(s, 503, "over_capacity")
+                assert s.header("retry-after") and s.header("retry-after").isdigit()
+        await streams[0].close()  # a place is free again
+        async with Api(srv.url, srv.api_key) as api:
+            await wait_no_connections(api, expected=2)
+        async with sse_stream(srv.url, token=srv.token("c")) as again:
+            await again.next_event("welcome")
+    finally:
+        for s in streams:
+            await s.close()
 
 
 # -- routing --------------------------------------------------------------------------------
@@ -531,6 +587,10 @@ async def test_slow_consumer_is_closed_and_recovers_everything_on_resume(
             assert not any(e.event == "reset" for e in again.events)
 
         metrics = (await api.http.get("/metrics")).text
+        await slow.close()
+        await fast.close()
+        stats = await wait_no_connections(api)
+        assert stats["users"] == 0, stats
     overflows = _metric(metrics, "tidings_buffer_overflows_total")
     assert overflows is not None and overflows >= 1, metrics
 
@@ -540,6 +600,17 @@ def _metric(text: str, name: str) -> float | None:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+async def wait_no_connections(api: Api, expected: int = 0) -> dict[str, Any]:
+    """Stats once the server has noticed closed connections: it does so by itself, so poll
+    (bounded, 10 s) until `connections` is `expected`. A condition, not a timed wait."""
+    for _ in range(200):
+        stats: dict[str, Any] = (await api.get("/api/v1/stats")).json()
+        if stats["connections"] == expected:
+            return stats
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"connections never came down to {expected}: {stats}")
 
 
 # -- no leaks -------------------------------------------------------------------------------
@@ -566,15 +637,12 @@ async def test_200_connections_opened_and_closed_leave_nothing_behind(
                 await s.next_event("welcome")
             stats = (await api.get("/api/v1/stats")).json()
             assert stats["connections"] == 200 and stats["users"] == 21
-        finally:
-            await asyncio.gather(*(s.close() for s in streams))
+        finally:  # half close politely, half with a TCP reset (a crashed client)
+            await asyncio.gather(*(s.close() for s in streams[::2]))
+            await asyncio.gather(*(s.abort() for s in streams[1::2]))
 
         # The server notices each close by itself; wait (bounded) until it has seen all 200.
-        for _ in range(200):  # polling a condition, bounded (10 s); not a timed wait
-            stats = (await api.get("/api/v1/stats")).json()
-            if not stats["connections"]:
-                break
-            await asyncio.sleep(0.05)
+        stats = await wait_no_connections(api)
         assert (stats["connections"], stats["users"], stats["topics"]) == (0, 0, 0), stats
         assert (await api.get("/api/v1/presence?tenant=t1")).json()["users"] == []
         metrics = (await api.http.get("/metrics")).text
