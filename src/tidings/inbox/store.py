@@ -20,7 +20,17 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Dialect, Table, delete, event, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Dialect,
+    Select,
+    Table,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
@@ -36,7 +46,6 @@ __all__ = ["Created", "Inbox", "Page", "create_engine", "database_url", "to_reco
 log = logging.getLogger("tidings.inbox")
 
 SQLITE_BUSY_TIMEOUT_MS = 5000  # how long a writer waits for SQLite's lock before failing
-INSERT_CHUNK = 500  # rows per multi-row INSERT (x 12 columns: well under both DBs' bind limits)
 PURGE_BATCH = 5000  # rows per DELETE of the retention purge (short locks, bounded WAL)
 
 T = cast(Table, NotificationRow.__table__)
@@ -148,6 +157,14 @@ class Inbox:
     def __init__(self, engine: AsyncEngine | str | URL) -> None:
         self.engine = engine if isinstance(engine, AsyncEngine) else create_engine(engine)
         self._writer = self.engine.execution_options(tidings_begin="IMMEDIATE")
+        # Reads on PostgreSQL skip BEGIN/ROLLBACK: under READ COMMITTED every statement
+        # takes its own snapshot anyway. SQLite keeps its transaction (one snapshot).
+        sqlite_db = self.engine.dialect.name == "sqlite"
+        self._reader = (
+            self.engine
+            if sqlite_db
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
 
     @property
     def dialect(self) -> Dialect:
@@ -165,7 +182,7 @@ class Inbox:
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
         with _unavailable():
-            async with self.engine.connect() as conn:
+            async with self._reader.connect() as conn:
                 yield conn
 
     async def ping(self) -> bool:
@@ -205,11 +222,10 @@ class Inbox:
             for recipient in new.recipients
         ]
         async with self._write() as conn:
-            inserted: set[uuid.UUID] = set()
-            for start in range(0, len(rows), INSERT_CHUNK):
-                chunk = rows[start : start + INSERT_CHUNK]
-                result = await conn.execute(self._insert().values(chunk).returning(C.id))
-                inserted.update(result.scalars())
+            # executemany: SQLAlchemy sends multi-row INSERTs ("insertmanyvalues") from one
+            # cached statement, instead of compiling a statement with a VALUES row per row.
+            result = await conn.execute(self._insert().returning(C.id), rows)
+            inserted: set[uuid.UUID] = set(result.scalars())
             found = {r["recipient"]: r for r in rows if r["id"] in inserted}
             if len(found) < len(rows):
                 earlier = [r["recipient"] for r in rows if r["id"] not in inserted]
@@ -249,8 +265,11 @@ class Inbox:
             where.append(C.read_at.is_(None) if query.unread else C.read_at.is_not(None))
         if query.type is not None:
             where.append(C.type == query.type)
+        total = _counting(where).scalar_subquery().label("total")
+        unread = _counting(_unread(tenant, user)).scalar_subquery().label("unread")
+        # One round trip: the counts ride along as uncorrelated subqueries (computed once).
         items = (
-            select(T)
+            select(T, total, unread)
             .where(*where)
             .order_by(C.created_at.desc(), C.id.desc())
             .limit(query.page_size)
@@ -258,13 +277,15 @@ class Inbox:
         )
         async with self._read() as conn:
             rows = (await conn.execute(items)).mappings().all()
-            total = await _count(conn, where)
-            unread = await _count(conn, [*_mine(tenant, user), C.read_at.is_(None)])
-        return Page([to_record(r) for r in rows], total, unread)
+            # Past the last page (or in an empty inbox) no row carries the counts.
+            counts = (
+                rows[0] if rows else (await conn.execute(select(total, unread))).mappings().one()
+            )
+        return Page([to_record(r) for r in rows], counts["total"], counts["unread"])
 
     async def unread_count(self, tenant: str, user: str) -> int:
         async with self._read() as conn:
-            return await _count(conn, [*_mine(tenant, user), C.read_at.is_(None)])
+            return await _count(conn, _unread(tenant, user))
 
     # -- change -------------------------------------------------------------------------
 
@@ -280,14 +301,14 @@ class Inbox:
                 if row is None:
                     return None
             changed.record = to_record(row)
-            changed.unread_count = await _count(conn, [*_mine(tenant, user), C.read_at.is_(None)])
+            changed.unread_count = await _count(conn, _unread(tenant, user))
         return changed
 
     async def mark_read(
         self, tenant: str, user: str, ids: Iterable[uuid.UUID] | None = None
     ) -> Changed:
         """Mark these (None: all) of the user's unread notifications read."""
-        where = [*_mine(tenant, user), C.read_at.is_(None)]
+        where = _unread(tenant, user)
         if ids is not None:
             wanted = list(ids)
             if not wanted:
@@ -296,7 +317,7 @@ class Inbox:
         async with self._write() as conn:
             change = update(T).where(*where).values(read_at=utcnow()).returning(C.id)
             changed = Changed(ids=[str(i) for i in (await conn.execute(change)).scalars()])
-            changed.unread_count = await _count(conn, [*_mine(tenant, user), C.read_at.is_(None)])
+            changed.unread_count = await _count(conn, _unread(tenant, user))
         return changed
 
     async def delete(self, tenant: str, user: str, id: uuid.UUID) -> Changed | None:
@@ -305,7 +326,7 @@ class Inbox:
             gone = delete(T).where(C.id == id, *_mine(tenant, user)).returning(C.id)
             if (await conn.execute(gone)).first() is None:
                 return None
-            count = await _count(conn, [*_mine(tenant, user), C.read_at.is_(None)])
+            count = await _count(conn, _unread(tenant, user))
         return Changed(ids=[str(id)], unread_count=count)
 
     async def purge(self, older_than: timedelta) -> int:
@@ -320,13 +341,17 @@ class Inbox:
             if result.rowcount < PURGE_BATCH:
                 return total
 
-    async def unread_counts(self, tenant: str, users: Sequence[str]) -> dict[str, int]:
-        async with self._read() as conn:
-            return await _unread_counts(conn, tenant, users)
+
+def _unread(tenant: str, user: str) -> list[ColumnElement[bool]]:
+    return [*_mine(tenant, user), C.read_at.is_(None)]
+
+
+def _counting(where: list[ColumnElement[bool]]) -> Select[int]:
+    return select(func.count()).select_from(T).where(*where)
 
 
 async def _count(conn: AsyncConnection, where: list[ColumnElement[bool]]) -> int:
-    return (await conn.execute(select(func.count()).select_from(T).where(*where))).scalar_one()
+    return (await conn.execute(_counting(where))).scalar_one()
 
 
 async def _unread_counts(
