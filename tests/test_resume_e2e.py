@@ -26,9 +26,19 @@ from sse_client import Api, SSEClient, expect_marker, open_stream
 TOPICS = "news,sport"
 
 
+TRANSPORTS = {"fastpath": "1", "asgi": "0"}  # TIDINGS_FASTPATH: serve's own protocol, or sse.py
+
+
+@pytest.fixture(scope="module", params=sorted(TRANSPORTS))
+def transport(request: pytest.FixtureRequest) -> str:
+    """Tests that take this run against both ways `tidings serve` can serve a stream."""
+    return TRANSPORTS[request.param]
+
+
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TidingsServer]:
-    with TidingsServer(tmp_path_factory.mktemp("resume")) as server:
+def srv(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[TidingsServer]:
+    env = {"TIDINGS_FASTPATH": transport}
+    with TidingsServer(tmp_path_factory.mktemp("resume"), env) as server:
         yield server
     assert "Traceback" not in server.log(), server.log()
 
@@ -191,9 +201,9 @@ async def test_a_topic_added_on_reconnect_starts_live(
 
 
 async def test_reconnect_after_a_restart_gets_reset_before_live_events(
-    start_server: StartServer,
+    start_server: StartServer, transport: str
 ) -> None:
-    srv = start_server()
+    srv = start_server(TIDINGS_FASTPATH=transport)
     async with Api(srv.url, srv.api_key) as api:
         async with alice_stream(srv, "") as first:
             await first.next_event("welcome")
@@ -247,8 +257,10 @@ async def test_a_cursor_from_the_future_gets_reset(
         await expect_reset_then_live(s, api, tenant)
 
 
-async def test_missing_more_than_the_history_window_gets_reset(start_server: StartServer) -> None:
-    srv = start_server(TIDINGS_HISTORY_SIZE="3")
+async def test_missing_more_than_the_history_window_gets_reset(
+    start_server: StartServer, transport: str
+) -> None:
+    srv = start_server(TIDINGS_HISTORY_SIZE="3", TIDINGS_FASTPATH=transport)
     async with Api(srv.url, srv.api_key) as api:
         async with alice_stream(srv, "") as first:
             cursor = (await first.next_event("welcome")).id
