@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from server import StartServer, TidingsServer
+from server import TidingsServer
 from sse_client import Api, SSEClient, StreamEnded, expect_marker, open_stream, sse_stream
 
 MAX_PAYLOAD = 65536  # the default TIDINGS_MAX_PAYLOAD
@@ -402,31 +402,36 @@ async def test_the_server_survives_a_burst_of_bad_requests(
     assert "Traceback" not in srv.log(), srv.log()
 
 
-def _deep(depth: int) -> bytes:
-    return b'{"users": ["alice"], "data": ' + b"[" * depth + b"]" * depth + b"}"
+def _deep(depth: int, tenant: str) -> bytes:
+    head = orjson.dumps({"tenant": tenant, "users": ["alice"]})[:-1]
+    return head + b', "data": ' + b"[" * depth + b"]" * depth + b"}"
 
 
-async def test_data_too_deep_to_encode_is_400_not_500(start_server: StartServer) -> None:
-    srv = start_server()
-    async with (
-        Api(srv.url, srv.api_key) as api,
-        sse_stream(srv.url, token=srv.token("alice")) as alice,
-    ):
-        await alice.next_event("welcome")
-        response = await api.post("/api/v1/publish", content=_deep(300))
-        assert response.status_code == 400 and error_code(response) == "invalid_request"
-        await expect_marker(alice, api, users=["alice"])
+@pytest.mark.parametrize("depth", [255, 300, 1000])
+async def test_data_too_deep_to_encode_is_400_not_500(
+    srv: TidingsServer, api: Api, tenant: str, alice: SSEClient, depth: int
+) -> None:
+    response = await api.post("/api/v1/publish", content=_deep(depth, tenant))
+    assert response.status_code == 400 and error_code(response) == "invalid_request"
+    await expect_marker(alice, api, tenant=tenant, users=["alice"])
     assert "Traceback" not in srv.log()
 
 
-async def test_an_unencodable_event_does_not_poison_resume(start_server: StartServer) -> None:
-    srv = start_server()
-    token = srv.token("alice")
-    async with Api(srv.url, srv.api_key) as api:
-        async with sse_stream(srv.url, token=token) as first:
-            cursor = (await first.next_event("welcome")).id
-        await api.post("/api/v1/publish", content=_deep(300))  # 500 today (see above)
-        await api.publish(users=["alice"], data="after")
-        async with sse_stream(srv.url, token=token, last_event_id=cursor) as again:
-            await again.next_event("welcome")
-            assert (await again.next_event()).data == "after"
+async def test_deep_data_that_encodes_is_delivered(api: Api, tenant: str, alice: SSEClient) -> None:
+    response = await api.post("/api/v1/publish", content=_deep(200, tenant))
+    assert response.status_code == 202, response.text
+    assert (await alice.next_event()).data == "[" * 200 + "]" * 200
+
+
+async def test_an_unencodable_event_does_not_poison_resume(
+    srv: TidingsServer, api: Api, tenant: str
+) -> None:
+    token = srv.token("alice", tenant=tenant)
+    async with sse_stream(srv.url, token=token) as first:
+        cursor = (await first.next_event("welcome")).id
+    await api.post("/api/v1/publish", content=_deep(300, tenant))  # refused (see above)
+    await api.publish(tenant=tenant, users=["alice"], data="after")
+    async with sse_stream(srv.url, token=token, last_event_id=cursor) as again:
+        await again.next_event("welcome")
+        assert (await again.next_event()).data == "after"
+    assert "Traceback" not in srv.log()
