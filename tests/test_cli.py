@@ -54,7 +54,7 @@ async def first_events(url: str, token: str, count: int) -> list[SSEEvent]:
 def test_help_lists_the_commands() -> None:
     result = tidings("--help")
     assert result.returncode == 0
-    for command in ("serve", "token", "publish", "listen", "bench"):
+    for command in ("serve", "token", "publish", "listen", "migrate", "inbox", "bench"):
         assert command in result.stdout
 
 
@@ -171,3 +171,23 @@ def test_bench_fanout_against_its_own_server() -> None:
     assert line["scenario"] == "fanout" and line["complete"] is True
     assert line["received"] == line["expected"] == 60
     assert line["last_p50_ms"] is not None and line["first_p50_ms"] is not None
+
+
+def test_migrate_then_purge_on_a_fresh_sqlite_database(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/inbox.db"
+    first = tidings("migrate", "--database-url", url)
+    assert first.returncode == 0, first.stderr
+    applied = json.loads(first.stdout)
+    assert applied["from"] is None and applied["to"]
+    again = json.loads(tidings("migrate", "--database-url", url).stdout)
+    assert again["from"] == again["to"] == applied["to"]
+    purged = tidings("inbox", "purge", "--database-url", url, "--older-than", "30d")
+    assert purged.returncode == 0, purged.stderr
+    assert json.loads(purged.stdout) == {"deleted": 0}
+
+
+def test_purge_before_migrate_says_to_migrate(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/empty.db"
+    result = tidings("inbox", "purge", "--database-url", url)
+    assert result.returncode == 2
+    assert "tidings migrate" in result.stderr

@@ -1,4 +1,4 @@
-"""The `tidings` command: serve, token, publish, listen, bench (API.md §10).
+"""The `tidings` command: serve, token, publish, listen, migrate, inbox, bench (API.md §10).
 
 Every command writes its result to stdout and everything else to stderr;
 piped, the result is machine-readable (JSON lines) and progress stays quiet.
@@ -63,8 +63,72 @@ def build_parser() -> argparse.ArgumentParser:
     _token_parser(commands)
     _publish_parser(commands)
     _listen_parser(commands)
+    _migrate_parser(commands)
+    _inbox_parser(commands)
     bench.add_parser(commands)
     return parser
+
+
+# -- migrate and inbox purge ----------------------------------------------------------------------
+
+
+def _migrate_parser(commands: Any) -> None:
+    p = commands.add_parser(
+        "migrate",
+        help="apply the inbox's database migrations",
+        description="Bring TIDINGS_DATABASE_URL's schema to the newest revision (idempotent).",
+    )
+    _config_flag(p)
+    p.add_argument("--database-url", help="SQLAlchemy URL (TIDINGS_DATABASE_URL)")
+    p.set_defaults(command=_migrate)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .inbox.commands import migrate
+
+    result = migrate(Settings.load(args.config, database_url=args.database_url))
+    if sys.stdout.isatty():
+        done = "already at" if result["from"] == result["to"] else f"{result['from']} ->"
+        print(f"{result['database']}: {done} {result['to']}")
+    else:
+        print(orjson.dumps(result).decode())
+    return 0
+
+
+def _inbox_parser(commands: Any) -> None:
+    p = commands.add_parser("inbox", help="inbox maintenance")
+    actions = p.add_subparsers(title="actions", metavar="ACTION")
+    purge = actions.add_parser(
+        "purge",
+        help="delete notifications older than the retention",
+        description="Delete notifications older than TIDINGS_INBOX_RETENTION (or --older-than).",
+    )
+    _config_flag(purge)
+    purge.add_argument("--database-url", help="SQLAlchemy URL (TIDINGS_DATABASE_URL)")
+    purge.add_argument("--older-than", help="a duration such as 30d (default: the retention)")
+    purge.set_defaults(command=_purge)
+    p.set_defaults(command=lambda _args: _usage(p))
+
+
+def _purge(args: argparse.Namespace) -> int:
+    from .inbox.commands import purge
+
+    settings = Settings.load(args.config, database_url=args.database_url)
+    older = parse_duration(args.older_than) if args.older_than else None
+    tty = sys.stderr.isatty()
+
+    def progress(done: int) -> None:
+        if tty:
+            print(f"\rdeleted {done}…", end="", file=sys.stderr, flush=True)
+
+    deleted = purge(settings, older, progress)
+    if tty:
+        print(file=sys.stderr)
+    if sys.stdout.isatty():
+        print(f"deleted {deleted} notifications")
+    else:
+        print(orjson.dumps({"deleted": deleted}).decode())
+    return 0
 
 
 # -- serve --------------------------------------------------------------------------------------
