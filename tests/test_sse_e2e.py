@@ -595,6 +595,45 @@ async def test_slow_consumer_is_closed_and_recovers_everything_on_resume(
     assert overflows is not None and overflows >= 1, metrics
 
 
+@pytest.mark.parametrize(
+    "transport",
+    [
+        "1",
+        pytest.param(
+            "0",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="ASGI path (server/sse.py): an overflowing client that stops reading "
+                "but keeps its socket open is marked closed, yet its pump stays blocked in "
+                "`await send(...)` (uvicorn waits for the socket to drain), so the socket is "
+                "never closed, the connection stays registered (stats and "
+                "tidings_connections) and the overflow is not counted; close_stalled() after "
+                "TIDINGS_CLIENT_TIMEOUT only calls conn.close(), which cannot unblock it",
+            ),
+        ),
+    ],
+    ids=["fastpath", "asgi"],
+)
+async def test_a_stalled_client_that_overflows_is_disconnected_and_counted(
+    start_server: StartServer, transport: str
+) -> None:
+    srv = start_server(TIDINGS_CLIENT_BUFFER_SIZE="4", TIDINGS_FASTPATH=transport)
+    payload = 60_000
+    count = math.ceil(_socket_bytes_in_flight() / payload) + 4 + 8
+    async with (
+        Api(srv.url, srv.api_key) as api,
+        sse_stream(srv.url, token=srv.token("stalled"), rcvbuf=4096) as stalled,
+    ):
+        await stalled.next_event("welcome")  # and never reads again, nor closes
+        for _ in range(count):
+            await api.publish(users=["stalled"], data="s" * payload)
+        stats = await wait_no_connections(api)
+        assert stats["users"] == 0, stats
+        metrics = (await api.http.get("/metrics")).text
+    assert _metric(metrics, "tidings_buffer_overflows_total") == 1, metrics
+    assert _metric(metrics, "tidings_connections") == 0, metrics
+
+
 def _metric(text: str, name: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
