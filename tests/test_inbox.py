@@ -411,8 +411,10 @@ async def test_purge_works_in_batches(db_url: str, inbox: Inbox) -> None:
 
     await _insert_aged(db_url, "alice", [timedelta(days=100)] * 7 + [timedelta(days=1)])
     batch, store.PURGE_BATCH = store.PURGE_BATCH, 3
+    seen: list[int] = []
     try:
-        assert await inbox.purge(timedelta(days=90)) == 7
+        assert await inbox.purge(timedelta(days=90), seen.append) == 7
+        assert seen == [3, 6, 7]
     finally:
         store.PURGE_BATCH = batch
     assert await inbox.unread_count("acme", "alice") == 1
@@ -586,6 +588,40 @@ async def test_unreachable_database_is_unavailable_not_a_crash() -> None:
         with pytest.raises(BackendUnavailable):
             await store.unread_count("acme", "alice")
         assert not await store.ping()
+    finally:
+        await store.close()
+
+
+async def _drop_connections(url: str) -> None:
+    """What a database restart does to a pool: every connection dies."""
+    name = url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(PG_ADMIN, timeout=5)
+    try:
+        # With a timeout, pg_terminate_backend returns once the backend has exited.
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.integration
+async def test_a_restarted_postgresql_costs_no_read_and_at_most_one_write(
+    pg_session_url: str,
+) -> None:
+    await _clear(pg_session_url)
+    store = Inbox(pg_session_url)
+    try:
+        await store.create(new(["alice"]))
+        await _drop_connections(pg_session_url)
+        assert await store.unread_count("acme", "alice") == 1  # retried on a fresh connection
+        await _drop_connections(pg_session_url)
+        with pytest.raises(BackendUnavailable):  # a write is not retried: 503 once
+            await store.create(new(["alice"]))
+        await store.create(new(["alice"]))
+        assert (await store.list("acme", "alice", Query())).total == 2
     finally:
         await store.close()
 

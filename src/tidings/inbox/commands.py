@@ -7,6 +7,7 @@ as they are and owns all terminal output.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -37,24 +38,29 @@ async def _migrate(url: str) -> dict[str, Any]:
     return {"database": where, "from": before, "to": head}
 
 
-def purge(settings: Settings, older_than: float | None = None) -> int:
+def purge(
+    settings: Settings,
+    older_than: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Delete notifications older than TIDINGS_INBOX_RETENTION (or `older_than` seconds).
 
     Returns how many were deleted; a retention of 0 keeps everything (returns 0).
+    `progress(deleted_so_far)` is called after each batch of 5,000 (for a terminal).
     Raises ConfigError when the schema is not at head (run `migrate` first).
     """
     seconds = settings.inbox_retention if older_than is None else older_than
     if seconds <= 0:
         return 0
-    return asyncio.run(_purge(settings.database_url, seconds))
+    return asyncio.run(_purge(settings.database_url, seconds, progress))
 
 
-async def _purge(url: str, seconds: float) -> int:
+async def _purge(url: str, seconds: float, progress: Callable[[int], None] | None) -> int:
     inbox = Inbox(url)
     try:
         current, head = await schema_revisions(inbox.engine)
         if current != head:
             raise ConfigError("the inbox schema is not up to date: run `tidings migrate` first")
-        return await inbox.purge(timedelta(seconds=seconds))
+        return await inbox.purge(timedelta(seconds=seconds), progress)
     finally:
         await inbox.close()

@@ -13,16 +13,25 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import orjson
 from sqlalchemy import (
     ColumnElement,
     Dialect,
+    RowMapping,
     Select,
     String,
     Table,
@@ -52,6 +61,7 @@ SQLITE_BUSY_TIMEOUT_MS = 5000  # how long a writer waits for SQLite's lock befor
 PURGE_BATCH = 5000  # rows per DELETE of the retention purge (short locks, bounded WAL)
 
 T = cast(Table, NotificationRow.__table__)
+R = TypeVar("R")
 C = T.c
 
 
@@ -99,8 +109,9 @@ def create_engine(url: str | URL) -> AsyncEngine:
     parsed = database_url(url)
     options: dict[str, Any] = {"json_serializer": _json, "json_deserializer": orjson.loads}
     if parsed.get_backend_name() != "sqlite":
-        # pre-ping: a pooled connection that a database restart closed is replaced, not used
-        return create_async_engine(parsed, pool_pre_ping=True, **options)
+        # No pre-ping (a round trip per checkout, on every request): reads retry once on
+        # a fresh connection instead (see Inbox._reading).
+        return create_async_engine(parsed, **options)
     if parsed.database in (None, "", ":memory:"):
         # One shared connection, or every connection would see its own empty database.
         options["poolclass"] = StaticPool
@@ -182,17 +193,27 @@ class Inbox:
             async with self._writer.begin() as conn:
                 yield conn
 
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
+    async def _reading(self, work: Callable[[AsyncConnection], Awaitable[R]]) -> R:
+        """Run a read; once more if the pooled connection turned out dead.
+
+        After a database restart every pooled connection is dead; SQLAlchemy then
+        invalidates the pool, so the second try gets a fresh connection and no read
+        fails for the restart. (Writes are not retried: they answer 503 once.)
+        """
         with _unavailable():
+            try:
+                async with self._reader.connect() as conn:
+                    return await work(conn)
+            except sa_exc.DBAPIError as exc:
+                if not exc.connection_invalidated:
+                    raise
             async with self._reader.connect() as conn:
-                yield conn
+                return await work(conn)
 
     async def ping(self) -> bool:
         """Whether the database answers (for /readyz)."""
         try:
-            async with self._read() as conn:
-                await conn.execute(select(1))
+            await self._reading(lambda conn: conn.execute(select(1)))
         except BackendUnavailable:
             return False
         return True
@@ -256,9 +277,12 @@ class Inbox:
     # -- read ---------------------------------------------------------------------------
 
     async def get(self, tenant: str, user: str, id: uuid.UUID) -> dict[str, Any] | None:
-        async with self._read() as conn:
-            query = select(T).where(C.id == id, *_mine(tenant, user))
-            row = (await conn.execute(query)).mappings().first()
+        query = select(T).where(C.id == id, *_mine(tenant, user))
+
+        async def read(conn: AsyncConnection) -> RowMapping | None:
+            return (await conn.execute(query)).mappings().first()
+
+        row = await self._reading(read)
         return None if row is None else to_record(row)
 
     async def list(self, tenant: str, user: str, query: Query) -> Page:
@@ -278,17 +302,20 @@ class Inbox:
             .limit(query.page_size)
             .offset((query.page - 1) * query.page_size)
         )
-        async with self._read() as conn:
+
+        async def read(conn: AsyncConnection) -> tuple[Sequence[RowMapping], RowMapping]:
             rows = (await conn.execute(items)).mappings().all()
             # Past the last page (or in an empty inbox) no row carries the counts.
             counts = (
                 rows[0] if rows else (await conn.execute(select(total, unread))).mappings().one()
             )
+            return rows, counts
+
+        rows, counts = await self._reading(read)
         return Page([to_record(r) for r in rows], counts["total"], counts["unread"])
 
     async def unread_count(self, tenant: str, user: str) -> int:
-        async with self._read() as conn:
-            return await _count(conn, _unread(tenant, user))
+        return await self._reading(lambda conn: _count(conn, _unread(tenant, user)))
 
     # -- change -------------------------------------------------------------------------
 
@@ -332,8 +359,14 @@ class Inbox:
             count = await _count(conn, _unread(tenant, user))
         return Changed(ids=[str(id)], unread_count=count)
 
-    async def purge(self, older_than: timedelta) -> int:
-        """Delete every notification created before now - `older_than`; returns how many."""
+    async def purge(
+        self, older_than: timedelta, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Delete every notification created before now - `older_than`; returns how many.
+
+        Works in batches of PURGE_BATCH rows, one short transaction each; `progress`
+        hears the running total after each batch.
+        """
         cutoff = utcnow() - older_than
         oldest = select(C.id).where(C.created_at < cutoff).limit(PURGE_BATCH)
         total = 0
@@ -341,6 +374,8 @@ class Inbox:
             async with self._write() as conn:
                 result = await conn.execute(delete(T).where(C.id.in_(oldest)))
             total += result.rowcount
+            if progress is not None:
+                progress(total)
             if result.rowcount < PURGE_BATCH:
                 return total
 
@@ -384,7 +419,10 @@ def _unavailable() -> Iterator[None]:
     """Errors of the "cannot reach the database" kind become BackendUnavailable (503)."""
     try:
         yield
-    except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+    except sa_exc.DBAPIError as exc:
+        gone = isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+        if not (gone or exc.connection_invalidated):
+            raise
         raise BackendUnavailable(f"the inbox database does not answer: {exc.orig}") from exc
     except (sa_exc.TimeoutError, OSError) as exc:
         raise BackendUnavailable(f"the inbox database does not answer: {exc}") from exc
