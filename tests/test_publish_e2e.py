@@ -6,6 +6,7 @@ What a publish did is checked where it matters, on a subscriber's stream; a nega
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -191,6 +192,16 @@ async def test_a_repeated_idempotency_key_answers_the_same_id_and_delivers_once(
     fresh = await api.publish(**{**body, "idempotency_key": "pay-8"})
     assert fresh != first
     assert (await alice.next_event()).data == "pay day"
+
+
+async def test_concurrent_repeats_of_one_idempotency_key_deliver_once(
+    api: Api, tenant: str, alice: SSEClient
+) -> None:
+    body = {"tenant": tenant, "users": ["alice"], "data": "once", "idempotency_key": "race"}
+    ids = await asyncio.gather(*(api.publish(**body) for _ in range(20)))
+    assert len(set(ids)) == 1
+    assert (await alice.next_event()).data == "once"
+    await expect_marker(alice, api, tenant=tenant, users=["alice"])
 
 
 async def test_idempotency_keys_are_per_tenant(srv: TidingsServer, api: Api, tenant: str) -> None:

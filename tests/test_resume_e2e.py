@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server import StartServer, TidingsServer
-from sse_client import Api, SSEClient, expect_marker, open_stream
+from sse_client import Api, SSEClient, expect_marker, open_stream, sse_stream
 
 TOPICS = "news,sport"
 
@@ -195,6 +195,29 @@ async def test_a_topic_added_on_reconnect_starts_live(
         await again.next_event("welcome")
         assert (await again.next_event()).data == "news while away"
         await expect_marker(again, api, tenant=tenant, topics=["weather"])
+
+
+async def test_a_connection_reading_64_long_topics_resumes_exactly(
+    srv: TidingsServer, api: Api, tenant: str
+) -> None:
+    topics = [f"{'t' * 190}:{n:03d}" for n in range(64)]  # the most a connection may read
+    token = srv.token("alice", tenant=tenant, topics=["**"])
+    params = {"topics": ",".join(topics)}
+    async with sse_stream(srv.url, token=token, params=params) as first:
+        await first.next_event("welcome")
+        for topic in topics[::9]:
+            await api.publish(tenant=tenant, topics=[topic], data=topic[-3:])
+        await first.take(len(topics[::9]))
+        cursor = first.last_id
+    assert cursor and len(cursor) <= 1024 and cursor.isascii()
+    for topic in topics[::-7]:
+        await api.publish(tenant=tenant, topics=[topic], data=topic[-3:])
+    async with sse_stream(srv.url, token=token, params=params, last_event_id=cursor) as again:
+        await again.next_event("welcome")
+        missed = [e.data for e in await again.take(len(topics[::-7]))]
+        assert missed == [topic[-3:] for topic in topics[::-7]]
+        await expect_marker(again, api, tenant=tenant, users=["alice"])
+        assert not any(e.event == "reset" for e in again.events)
 
 
 # -- when exact resume is impossible: reset ----------------------------------------------

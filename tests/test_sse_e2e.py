@@ -506,6 +506,23 @@ async def test_string_payload_with_newlines_is_split_into_data_lines(
     ]
 
 
+async def test_carriage_returns_in_string_payloads_end_lines_too(
+    srv: TidingsServer, api: Api, tenant: str
+) -> None:
+    async with sse_stream(srv.url, token=srv.token("alice", tenant=tenant)) as s:
+        await s.next_event("welcome")
+        await api.publish(tenant=tenant, users=["alice"], data="crlf\r\nlone cr\rlf\nend")
+        event = await s.next_event()
+    assert event.data == "crlf\nlone cr\nlf\nend"  # what EventSource makes of it, too
+    assert frame_with(s, "data: crlf")[1:] == [
+        "data: crlf",
+        "data: lone cr",
+        "data: lf",
+        "data: end",
+    ]
+    assert b"\r" not in bytes(s.raw)
+
+
 async def test_chinese_text_and_user_ids_round_trip_as_utf8(
     srv: TidingsServer, api: Api, tenant: str
 ) -> None:
