@@ -221,6 +221,35 @@ async def test_api_key_cannot_open_a_stream(srv: TidingsServer) -> None:
         await expect_error(s, 403, "forbidden")
 
 
+async def test_tokens_and_keys_never_reach_the_server_log(
+    start_server: StartServer, transport: str
+) -> None:
+    srv = start_server(TIDINGS_LOG_LEVEL="debug", TIDINGS_FASTPATH=transport)  # access log on
+    good = srv.token("alice")
+    bad = good[:-6] + "AAAAAA"
+    async with Api(srv.url, srv.api_key) as api:
+        for kw in [
+            {"params": {"token": good}},
+            {"params": {"access_token": good}},
+            {"params": {"topics": "x", "token": bad}},
+            {"token": good},
+            {"cookies": {"tidings_token": good}},
+        ]:
+            async with sse_stream(srv.url, **kw) as s:
+                if s.status == 200:
+                    await s.next_event("welcome")
+                else:
+                    await s.json()
+        await api.http.post(f"/api/v1/publish?token={good}", json={"users": ["a"]})
+        await api.publish(users=["alice"], data="logged?")
+        await api.http.get(f"/nowhere?access_token={bad}")
+    srv.stop()
+    log = srv.log()
+    assert "/api/v1/publish" in log, "the access log is on at debug level"
+    for secret in (good.split(".")[2], bad.split(".")[2], srv.api_key, srv.secret):
+        assert secret not in log, log
+
+
 async def test_insecure_query_auth_trusts_user_id_on_loopback(
     start_server: StartServer, transport: str
 ) -> None:
