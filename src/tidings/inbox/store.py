@@ -136,7 +136,8 @@ def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
 
 def _sqlite_begin(conn: Any) -> None:
     mode = conn.get_execution_options().get("tidings_begin", "DEFERRED")
-    conn.exec_driver_sql(f"BEGIN {mode}")
+    if mode != "NONE":  # NONE: a read, each statement its own transaction
+        conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def to_record(row: Mapping[Any, Any]) -> dict[str, Any]:
@@ -171,14 +172,14 @@ class Inbox:
     def __init__(self, engine: AsyncEngine | str | URL) -> None:
         self.engine = engine if isinstance(engine, AsyncEngine) else create_engine(engine)
         self._writer = self.engine.execution_options(tidings_begin="IMMEDIATE")
-        # Reads on PostgreSQL skip BEGIN/ROLLBACK: under READ COMMITTED every statement
-        # takes its own snapshot anyway. SQLite keeps its transaction (one snapshot).
-        sqlite_db = self.engine.dialect.name == "sqlite"
-        self._reader = (
-            self.engine
-            if sqlite_db
-            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        )
+        # Reads skip BEGIN (a round trip to the server, or to aiosqlite's thread): each
+        # statement is atomic, and PostgreSQL's READ COMMITTED gives every statement its
+        # own snapshot anyway. (On SQLite, not via AUTOCOMMIT: the pool would reset the
+        # driver's isolation level after every read.)
+        if self.engine.dialect.name == "sqlite":
+            self._reader = self.engine.execution_options(tidings_begin="NONE")
+        else:
+            self._reader = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
     def dialect(self) -> Dialect:
