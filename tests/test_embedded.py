@@ -176,7 +176,7 @@ async def test_sigterm_with_an_open_stream_tells_the_client_and_exits(tmp_path: 
     try:
         await stream.next_event("welcome")
         app.proc.send_signal(signal.SIGTERM)
-        shutdown = await stream.next_event("shutdown")
+        shutdown = await stream.next_event("shutdown", within=5)  # at once, when it works
         assert shutdown.json()["reason"]
         await stream.wait_end()
     finally:
