@@ -162,14 +162,6 @@ async def test_the_mounted_tidings_api_is_served_too(app: Embedded, api: Api) ->
     assert response.status_code == 422  # FastAPI's own validation for the host app's route
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="embedded under plain uvicorn, SIGTERM with an open SSE stream hangs: uvicorn "
-    "waits for open responses before the lifespan shutdown (where `async with hub` stops "
-    "the hub), and a stream never ends by itself, so clients get no `shutdown` event and "
-    "the process exits only when they leave (tidings serve avoids it with "
-    "run.py's _Server.shutdown; create_app/the example have nothing equivalent)",
-)
 async def test_sigterm_with_an_open_stream_tells_the_client_and_exits(tmp_path: Path) -> None:
     app = start_example(tmp_path)
     stream = await open_stream(app.url, token=app.token("alice"))

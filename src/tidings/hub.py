@@ -35,6 +35,7 @@ from .event import (
     user_stream,
 )
 from .inbox.schema import new_notification
+from .shutdown import ShutdownSignals
 from .topics import TopicPatterns, valid_topic
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ class Hub:
         self.started_at = time.monotonic()
         self.running = False
         self._chores: asyncio.Task[None] | None = None
+        self._signals = ShutdownSignals(self._shutting_down)
         # The persistent inbox, when there is one: create_app() sets it from the settings.
         self.inbox: InboxService | None = None
 
@@ -168,6 +170,11 @@ class Hub:
         self.running = True
         self.started_at = time.monotonic()
         self._chores = asyncio.create_task(self._run_chores(), name="tidings-chores")
+        self._signals.install()
+
+    def _shutting_down(self) -> None:
+        closed = self.broker.close_all(CloseReason.SHUTDOWN)
+        log.info("shutting down: told %d connections to reconnect elsewhere", closed)
 
     async def stop(self) -> None:
         if self.inbox is not None:
@@ -175,6 +182,7 @@ class Hub:
         if not self.running:
             return
         self.running = False
+        self._signals.uninstall()
         self.broker.close_all(CloseReason.SHUTDOWN)
         if self._chores is not None:
             self._chores.cancel()
