@@ -643,18 +643,7 @@ async def test_slow_consumer_is_closed_and_recovers_everything_on_resume(
     "transport",
     [
         "1",
-        pytest.param(
-            "0",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ASGI path (server/sse.py): an overflowing client that stops reading "
-                "but keeps its socket open is marked closed, yet its pump stays blocked in "
-                "`await send(...)` (uvicorn waits for the socket to drain), so the socket is "
-                "never closed, the connection stays registered (stats and "
-                "tidings_connections) and the overflow is not counted; close_stalled() after "
-                "TIDINGS_CLIENT_TIMEOUT only calls conn.close(), which cannot unblock it",
-            ),
-        ),
+        "0",
     ],
     ids=["fastpath", "asgi"],
 )

@@ -82,7 +82,10 @@ class SSEEndpoint:
             log.debug(
                 "sse open %s user=%r tenant=%r topics=%s", conn.id, who.user_id, who.tenant, topics
             )
-            await _pump(conn, send)
+            if not await _pump_until_closed(conn, send):
+                # The socket stopped taking data and the connection was closed
+                # meanwhile: abandon the response; the server drops the socket.
+                return
             if conn.closed is CloseReason.SHUTDOWN:
                 # Tell the client to come back soon; another instance will resume it.
                 with contextlib.suppress(OSError):
@@ -100,6 +103,32 @@ class SSEEndpoint:
             log.debug("sse close %s reason=%s", conn.id, conn.closed.name if conn.closed else "-")
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _pump_until_closed(conn: SSEConnection, send: Send) -> bool:
+    """Pump until the connection closes; False if it closed while a write was stuck.
+
+    A client that stops reading blocks `send` (the server waits for the socket
+    to drain) and the pump with it. When the connection is closed meanwhile
+    (overflow, TIDINGS_CLIENT_TIMEOUT, disconnect by the server) the stuck
+    write is cancelled, or the socket would stay open as long as the client
+    keeps it so.
+    """
+    pump = asyncio.ensure_future(_pump(conn, send))
+
+    def cancel_stuck_write(reason: CloseReason) -> None:
+        if conn.busy_since:
+            pump.cancel()
+
+    conn.on_close(cancel_stuck_write)
+    try:
+        await pump
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are being cancelled ourselves
+        return False
+    return True
 
 
 async def _pump(conn: SSEConnection, send: Send) -> None:
