@@ -182,7 +182,12 @@ async def test_a_batch_without_messages_is_400(api: Api, body: Any) -> None:
 async def test_a_repeated_idempotency_key_answers_the_same_id_and_delivers_once(
     api: Api, tenant: str, alice: SSEClient
 ) -> None:
-    body = {"tenant": tenant, "users": ["alice"], "data": "pay day", "idempotency_key": "pay-7"}
+    body: dict[str, Any] = {
+        "tenant": tenant,
+        "users": ["alice"],
+        "data": "pay day",
+        "idempotency_key": "pay-7",
+    }
     first = await api.publish(**body)
     again = await api.publish(**body)
     third = await api.publish(**{**body, "data": "changed, same key"})
@@ -197,7 +202,12 @@ async def test_a_repeated_idempotency_key_answers_the_same_id_and_delivers_once(
 async def test_concurrent_repeats_of_one_idempotency_key_deliver_once(
     api: Api, tenant: str, alice: SSEClient
 ) -> None:
-    body = {"tenant": tenant, "users": ["alice"], "data": "once", "idempotency_key": "race"}
+    body: dict[str, Any] = {
+        "tenant": tenant,
+        "users": ["alice"],
+        "data": "once",
+        "idempotency_key": "race",
+    }
     ids = await asyncio.gather(*(api.publish(**body) for _ in range(20)))
     assert len(set(ids)) == 1
     assert (await alice.next_event()).data == "once"
@@ -257,13 +267,14 @@ async def test_jwt_publisher_with_topic_patterns_publishes_only_to_matching_topi
     await api.publish(token=editor, topics=["news:sports"], event="headline", data="goal")
     event = await alice.next_event()
     assert (event.event, event.data) == ("headline", "goal")
-    for body in [
+    bodies: list[dict[str, Any]] = [
         {"topics": ["weather"]},
         {"topics": ["news:sports", "weather"]},
         {"topics": ["news:sports:live"]},  # `*` is one segment
         {"users": ["alice"]},
         {"broadcast": True},
-    ]:
+    ]
+    for body in bodies:
         response = await api.post("/api/v1/publish", {**body, "data": "no"}, token=editor)
         assert response.status_code == 403 and error_code(response) == "forbidden", body
     await expect_marker(alice, api, tenant=tenant, users=["alice"])

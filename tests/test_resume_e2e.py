@@ -107,7 +107,7 @@ async def test_reconnect_replays_exactly_the_missed_events_in_order_then_goes_li
 
     other = tenant + "-b"
     missed = []
-    for body in [
+    bodies: list[dict[str, Any]] = [
         {"users": ["alice"], "data": "personal 1"},
         {"topics": ["news"], "data": "news 1"},
         {"users": ["bob"], "data": "not for alice"},
@@ -118,7 +118,8 @@ async def test_reconnect_replays_exactly_the_missed_events_in_order_then_goes_li
         {"tenant": other, "users": ["alice"], "data": "another tenant"},
         {"topics": ["news"], "data": "news 2"},
         {"users": ["alice"], "data": "personal 2"},
-    ]:
+    ]
+    for body in bodies:
         await api.publish(**{"tenant": tenant, **body})
         if "not" not in body["data"] and "another" not in body["data"]:
             missed.append(body["data"])

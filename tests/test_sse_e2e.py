@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,12 +138,13 @@ async def test_every_token_source_opens_a_stream(
     srv: TidingsServer, tenant: str, source: str
 ) -> None:
     token = srv.token("alice", tenant=tenant)
-    kw: dict[str, Any] = {
+    sources: dict[str, dict[str, Any]] = {
         "header": {"token": token},
         "token": {"params": {"token": token}},
         "access_token": {"params": {"access_token": token}},
         "cookie": {"cookies": {"tidings_token": token}},
-    }[source]
+    }
+    kw = sources[source]
     async with sse_stream(srv.url, **kw) as s:
         assert s.status == 200
         assert (await s.next_event("welcome")).json()["user_id"] == "alice"
@@ -171,7 +172,7 @@ def _alg_none(srv: TidingsServer) -> str:
     return f"{header}.{b64url({'sub': 'alice', 'exp': 4_000_000_000})}."
 
 
-BAD_TOKENS = {
+BAD_TOKENS: dict[str, Callable[[TidingsServer], str]] = {
     "malformed": lambda srv: "not-a-jwt",
     "three_garbage_segments": lambda srv: "abc.def.ghi",
     "expired": lambda srv: srv.token("alice", ttl_s=-300),  # past the 30 s leeway
@@ -228,13 +229,14 @@ async def test_tokens_and_keys_never_reach_the_server_log(
     good = srv.token("alice")
     bad = good[:-6] + "AAAAAA"
     async with Api(srv.url, srv.api_key) as api:
-        for kw in [
+        attempts: list[dict[str, Any]] = [
             {"params": {"token": good}},
             {"params": {"access_token": good}},
             {"params": {"topics": "x", "token": bad}},
             {"token": good},
             {"cookies": {"tidings_token": good}},
-        ]:
+        ]
+        for kw in attempts:
             async with sse_stream(srv.url, **kw) as s:
                 if s.status == 200:
                     await s.next_event("welcome")
@@ -330,7 +332,7 @@ async def test_connection_limits_answer_503_with_retry_after(
                 await s.next_event("welcome")
             else:
                 await expect_error(s, 503, "over_capacity")
-                assert s.header("retry-after") and s.header("retry-after").isdigit()
+                assert (s.header("retry-after") or "").isdigit()
         await streams[0].close()  # a place is free again
         async with Api(srv.url, srv.api_key) as api:
             await wait_no_connections(api, expected=2)
