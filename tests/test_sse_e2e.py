@@ -641,14 +641,6 @@ async def test_slow_consumer_is_closed_and_recovers_everything_on_resume(
     assert overflows is not None and overflows >= 1, metrics
 
 
-@pytest.mark.parametrize(
-    "transport",
-    [
-        "1",
-        "0",
-    ],
-    ids=["fastpath", "asgi"],
-)
 async def test_a_stalled_client_that_overflows_is_disconnected_and_counted(
     start_server: StartServer, transport: str
 ) -> None:
