@@ -185,6 +185,13 @@ class DirectWriter:
             self.conn.direct = None
             self.conn = None
 
+    def lost(self) -> None:
+        """The socket is gone: close the connection now, before its buffer fills."""
+        conn = self.conn
+        self.detach()
+        if conn is not None:
+            conn.close(CloseReason.CLIENT)
+
     def write(self, frame: bytes) -> None:
         protocol = self.protocol
         if protocol.close_sent or protocol.transport.is_closing():
@@ -240,7 +247,7 @@ else:
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.writer is not None:
-                self.writer.detach()
+                self.writer.lost()
             super().connection_lost(exc)
 
     DIRECT_PROTOCOL = DirectWebSocketProtocol
