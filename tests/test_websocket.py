@@ -550,7 +550,7 @@ async def test_resume_on_connect_is_exact(srv: Server) -> None:
         await expect(ws, "welcome")
         await srv.publish(users=["tom"], data=0)
         last = (await expect(ws, "event"))["id"]
-    missed = []
+    missed: list[int | str] = []
     for i in range(1, 6):
         missed.append(i)
         await srv.publish(users=["tom"], data=i)
