@@ -179,3 +179,12 @@ async def test_payload_limit_and_bad_json(client: httpx.AsyncClient) -> None:
         assert r.json()["error"]["code"] == "invalid_request"
     ok = await client.post("/api/v1/publish", headers=auth(KEY), json={"broadcast": True})
     assert ok.status_code == 202
+
+
+@pytest.mark.parametrize("name", ["welcome", "reset", "shutdown", "notification.read"])
+async def test_server_event_names_are_reserved(client: httpx.AsyncClient, name: str) -> None:
+    r = await client.post(
+        "/api/v1/publish", headers=auth(KEY), json={"broadcast": True, "event": name}
+    )
+    assert r.status_code == 400
+    assert "reserved" in r.json()["error"]["message"]

@@ -47,6 +47,10 @@ MAX_USERS_PER_MESSAGE = 1000
 MAX_TOPICS_PER_MESSAGE = 100
 MAX_ID_LEN = 128
 TOPIC_RULE = "1-200 characters of A-Z a-z 0-9 _ - . : / @, not starting with $"
+# Names clients read as the server's own signals; publishers may not fake them.
+RESERVED_EVENTS = frozenset(
+    {"welcome", "reset", "shutdown", "notification.read", "notification.deleted"}
+)
 _EVENT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
 
 
@@ -110,6 +114,8 @@ def parse_message(body: Any, *, tenant: str | None = None) -> Message:
         or not set(name) <= _EVENT_NAME_CHARS
     ):
         raise InvalidRequest("`event` must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+    if name in RESERVED_EVENTS:
+        raise InvalidRequest(f"`event` {name!r} is reserved for the server's own messages")
     body_tenant = body.get("tenant", tenant if tenant is not None else "")
     if body_tenant is None:
         body_tenant = ""
