@@ -151,6 +151,8 @@ class Settings(BaseSettings):
     demo: bool | None = None
     ws_ping_interval: Duration = Field(54.0, gt=0)
     ws_pong_timeout: Duration = Field(60.0, gt=0)
+    ws_auth_timeout: Duration = Field(10.0, gt=0)
+    ws_per_message_deflate: bool = False
     workers: int = Field(1, ge=1)
     connect_rate: float = Field(0.0, ge=0)
     publish_rate: float = Field(0.0, ge=0)

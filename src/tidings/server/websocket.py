@@ -90,7 +90,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "ws_ping_interval": settings.ws_ping_interval,
         "ws_ping_timeout": pong_deadline(settings.ws_ping_interval, settings.ws_pong_timeout),
         "ws_max_size": settings.max_payload,
-        "ws_per_message_deflate": bool(getattr(settings, "ws_per_message_deflate", False)),
+        "ws_per_message_deflate": settings.ws_per_message_deflate,
     }
     if DIRECT_PROTOCOL is not None:
         options["ws"] = DIRECT_PROTOCOL
@@ -284,7 +284,7 @@ class WebSocketEndpoint:
         await send({"type": "websocket.accept"})
         timeout = self.auth_timeout
         if timeout is None:
-            timeout = float(getattr(st.settings, "ws_auth_timeout", AUTH_TIMEOUT))
+            timeout = st.settings.ws_auth_timeout
         await _Session(st, request, receive, send, timeout).run()
 
 
