@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.requests import Request
@@ -10,6 +11,8 @@ from starlette.routing import Route
 from ..errors import InvalidRequest, RateLimited, TidingsError
 from ..hub import Hub, Message, authorize, parse_message
 from .http import JSONResponse, json_body, server_or_user, state
+
+log = logging.getLogger("tidings.publish")
 
 MAX_BATCH = 1000
 
@@ -28,6 +31,15 @@ async def publish(request: Request) -> JSONResponse:
         counter.labels(exc.code).inc()
         raise
     counter.labels("accepted").inc()
+    log.debug(
+        "publish %s tenant=%r users=%d topics=%d broadcast=%s event=%s",
+        event_id,
+        message.tenant,
+        len(message.users),
+        len(message.topics),
+        message.broadcast,
+        message.event,
+    )
     return JSONResponse({"id": event_id}, status_code=202)
 
 
@@ -51,6 +63,7 @@ async def publish_batch(request: Request) -> JSONResponse:
         _rate_limit(request, tenant)
     hub = await _running_hub(request)
     ids = [await hub.publish_message(m) for m in messages]
+    log.debug("publish batch of %d: %s … %s", len(ids), ids[0], ids[-1])
     state(request).metrics.publish_requests.labels("accepted").inc()
     return JSONResponse({"ids": ids}, status_code=202)
 
