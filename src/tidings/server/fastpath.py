@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, ClassVar, cast
@@ -71,6 +72,10 @@ log = logging.getLogger("tidings.fastpath")
 ENABLED = True
 """The default; ``TIDINGS_FASTPATH=0`` or ``=1`` in the environment overrides it."""
 
+COALESCE = os.environ.get("TIDINGS_FASTPATH_COALESCE", "1") != "0"
+"""Fan-out appends each frame to its socket's list and one callback per loop iteration
+writes each list with one write; else fan-out calls `transport.write` per frame."""
+
 STREAM_PATHS = frozenset(SSE_PATHS)
 _STREAM_PATHS_B = tuple(p.encode() for p in SSE_PATHS)
 
@@ -106,7 +111,11 @@ def enabled() -> bool:
 
 
 class ChunkedSSEConnection(SSEConnection):
-    """An SSE connection whose frames are whole HTTP chunks, ready for `transport.write`."""
+    """An SSE connection whose frames are whole HTTP chunks, ready for `transport.write`.
+
+    `offer` is the base class's for every case but the hot one, which it does inline:
+    a live, writable connection and an event on one stream.
+    """
 
     __slots__ = ()
 
@@ -117,6 +126,60 @@ class ChunkedSSEConnection(SSEConnection):
 
     def heartbeat_frame(self) -> bytes:
         return PING_CHUNK
+
+    def offer(self, event: Event) -> bool:
+        # Same result as Connection.offer -> deliver -> frame -> push, for one case.
+        # While `direct` is set the connection is open and writable, and its buffer
+        # holds only this loop iteration's frames (COALESCE) or nothing.
+        direct = self.direct
+        streams = event.streams
+        if direct is None or self.pending is not None or len(streams) != 1 or not _INLINE:
+            return super().offer(event)
+        stream, seq = streams[0]
+        positions = self.positions
+        pos = positions.get(stream)
+        if pos is None or seq <= pos:
+            return False
+        positions[stream] = seq
+        last = _last_part
+        if last[0] is stream and last[1] == seq:
+            part = last[2]  # every recipient of this event shares its cursor part
+        else:
+            part = self._hashes[stream] + format(seq, "x")
+            last[0], last[1], last[2] = stream, seq, part
+        parts = self._parts
+        parts[self._index[stream]] = part
+        cursor = (self.epoch + "." + ".".join(parts)).encode()
+        body = event.sse_body
+        frame = b"%x\r\nid: %b\n%b\r\n" % (len(cursor) + len(body) + 5, cursor, body)
+        if COALESCE:
+            buffer = self.buffer
+            if not buffer:
+                _dirty.append(self)
+                if len(_dirty) == 1:
+                    asyncio.get_event_loop().call_soon(_flush)
+            buffer.append(frame)
+        else:
+            direct(frame)
+        return True
+
+
+_last_part: list[Any] = [None, 0, ""]  # (stream, seq) -> cursor part of the event in fan-out
+_dirty: list[SSEConnection] = []  # connections with frames for the next _flush
+_INLINE = os.environ.get("TIDINGS_FASTPATH_INLINE", "1") != "0"
+_INTERN = os.environ.get("TIDINGS_FASTPATH_INTERN", "1") != "0"
+
+
+def _flush() -> None:
+    """Write each connection's frames of this loop iteration with one write."""
+    global _dirty
+    dirty, _dirty = _dirty, []
+    for conn in dirty:
+        direct = conn.direct
+        buffer = conn.buffer
+        if direct is not None and buffer:  # else paused or closed: they deal with it
+            direct(buffer[0] if len(buffer) == 1 else b"".join(buffer))
+            buffer.clear()
 
 
 class _Capture:
@@ -208,9 +271,12 @@ class FastPath:
                 return
             if proto.phase != _SETUP:
                 return  # the client left meanwhile
-            conn = ChunkedSSEConnection(
-                who, st.hub.streams_for(who, topics), limit=st.settings.client_buffer_size
-            )
+            # Interned stream names: every connection's dicts share one key object per
+            # stream, so fan-out's lookups compare pointers, not strings (TIDINGS_FASTPATH_INTERN).
+            streams = st.hub.streams_for(who, topics)
+            if _INTERN:
+                streams = [sys.intern(s) for s in streams]
+            conn = ChunkedSSEConnection(who, streams, limit=st.settings.client_buffer_size)
             broker = st.hub.broker
             proto.conn = conn
             try:
@@ -320,11 +386,16 @@ class FastProtocol(asyncio.Protocol):
         transport = self.transport
         if conn is None or transport is None or self.phase != _LIVE or conn.closed is not None:
             return
-        if conn.buffer:
-            transport.write(b"".join(conn.drain()))  # may pause again at once
+        unsent = self._unsent()
+        if unsent:
+            transport.write(unsent)  # may pause again at once
         if not self._paused:
             conn.direct = transport.write
             conn.busy_since = 0.0
+
+    def _unsent(self) -> bytes:
+        conn = self.conn
+        return b"".join(conn.drain()) if conn is not None else b""
 
     # -- uvicorn's server calls this on a graceful shutdown ---------------------------
 
@@ -472,7 +543,7 @@ class FastProtocol(asyncio.Protocol):
             # client, whose reconnect replays it from history.
             transport.abort()
             return
-        tail = b"".join(conn.drain()) if conn is not None else b""
+        tail = self._unsent()
         tail += SHUTDOWN_TAIL if reason is CloseReason.SHUTDOWN else LAST_CHUNK
         transport.write(tail)
         if self._paused:
