@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import secrets
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,6 +39,7 @@ import httpx
 from tidings import Hub, Settings, create_app
 from tidings.inbox import Inbox, Query
 from tidings.inbox.migrations import upgrade_to_head
+from tidings.inbox.models import new_id
 
 TENANT = "bench"
 KEY = "bench-key"
@@ -67,13 +66,6 @@ def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def uuid7(ms: int) -> uuid.UUID:
-    value = ms << 80 | int.from_bytes(os.urandom(10))
-    value = (value & ~(0xF << 76)) | (0x7 << 76)
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)
-    return uuid.UUID(int=value)
-
-
 def rows(total: int, users: int, unread_share: float) -> Iterator[tuple[Any, ...]]:
     """`total` notifications spread evenly over `users`, created over the last 60 days."""
     rng = random.Random(7)
@@ -84,7 +76,7 @@ def rows(total: int, users: int, unread_share: float) -> Iterator[tuple[Any, ...
         created = now - timedelta(seconds=rng.uniform(0, 60 * 86400))
         read_at = None if rng.random() < unread_share else created + timedelta(minutes=5)
         yield (
-            uuid7(int(created.timestamp() * 1000)),
+            new_id(int(created.timestamp() * 1000)),
             TENANT,
             f"user{n % users}",
             TYPES[n % len(TYPES)],

@@ -34,9 +34,11 @@ __all__ = ["PRIORITIES", "Base", "NotificationRow", "UtcDateTime", "new_id", "ut
 PRIORITIES = ("low", "normal", "high", "urgent")
 
 
-def new_id() -> uuid.UUID:
-    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
+def new_id(ms: int | None = None) -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds (default: now), then 74 random bits."""
+    if ms is None:
+        ms = time.time_ns() // 1_000_000
+    value = ms << 80 | int.from_bytes(os.urandom(10))
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
     return uuid.UUID(int=value)
