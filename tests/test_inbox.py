@@ -244,6 +244,12 @@ def test_migrate_and_purge_commands(empty_db_url: str) -> None:
     assert commands.purge(settings.model_copy(update={"inbox_retention": 0})) == 0
 
 
+def test_migrate_command_says_when_the_database_does_not_answer() -> None:
+    settings = Settings(database_url="postgresql+asyncpg://app:pw@127.0.0.1:1/nowhere")
+    with pytest.raises(BackendUnavailable, match=r"cannot reach .*app:\*\*\*@127.0.0.1:1"):
+        commands.migrate(settings)
+
+
 # -- create ---------------------------------------------------------------------------------
 
 

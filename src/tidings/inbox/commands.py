@@ -11,10 +11,11 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from ..config import Settings
-from ..errors import ConfigError
+from ..errors import BackendUnavailable, ConfigError
 from .migrations import schema_revisions, upgrade_to_head
 from .store import Inbox
 
@@ -26,15 +27,19 @@ def migrate(settings: Settings) -> dict[str, Any]:
 
     Returns ``{"database": <url, password hidden>, "from": <revision or None>,
     "to": <head revision>}``; ``from == to`` means there was nothing to do.
+    Raises BackendUnavailable when the database does not answer.
     """
     return asyncio.run(_migrate(settings.database_url))
 
 
 async def _migrate(url: str) -> dict[str, Any]:
-    before, head = await schema_revisions(url)
-    if before != head:
-        await upgrade_to_head(url)
     where = make_url(url).render_as_string(hide_password=True)
+    try:
+        before, head = await schema_revisions(url)
+        if before != head:
+            await upgrade_to_head(url)
+    except (OSError, sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+        raise BackendUnavailable(f"cannot reach the inbox database {where}: {exc}") from exc
     return {"database": where, "from": before, "to": head}
 
 
