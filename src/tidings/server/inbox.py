@@ -16,7 +16,7 @@ from ..errors import BackendUnavailable, Forbidden, Unauthorized
 from ..inbox import InboxService
 from ..inbox.schema import parse_new, parse_query, parse_read
 from .http import JSONResponse, json_body, principal, server_or_user, state
-from .publish import _rate_limit
+from .publish import rate_limit
 
 BASE = "/api/v1/notifications"
 
@@ -46,7 +46,7 @@ async def create(request: Request) -> JSONResponse:
     new = parse_new(await json_body(request), tenant="" if who.is_server else who.tenant)
     if not who.is_server and new.tenant != who.tenant:
         raise Forbidden("a token creates notifications only in its own tenant")
-    _rate_limit(request, new.tenant)
+    rate_limit(request, new.tenant)
     records = await _inbox(request).notify(new)
     return JSONResponse({"notifications": records}, status_code=201)
 

@@ -24,6 +24,13 @@ async def readyz(request: Request) -> JSONResponse:
         log.warning("backend readiness check failed", exc_info=True)
         broker_ok = False
     checks = {"broker": "ok" if broker_ok else "unavailable"}
+    if hub.inbox is not None:
+        try:
+            database_ok = await hub.inbox.ping()
+        except Exception:  # as above: readiness answers whatever the database raises
+            log.warning("database readiness check failed", exc_info=True)
+            database_ok = False
+        checks["database"] = "ok" if database_ok else "unavailable"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks},

@@ -24,7 +24,7 @@ async def publish(request: Request) -> JSONResponse:
         body = await json_body(request)
         message = _message(body, who.is_server, who.tenant)
         authorize(message, who)
-        _rate_limit(request, message.tenant)
+        rate_limit(request, message.tenant)
         hub = await _running_hub(request)
         event_id = await hub.publish_message(message)
     except TidingsError as exc:
@@ -60,7 +60,7 @@ async def publish_batch(request: Request) -> JSONResponse:
         authorize(message, who)
         messages.append(message)
     for tenant in {m.tenant for m in messages}:
-        _rate_limit(request, tenant)
+        rate_limit(request, tenant)
     hub = await _running_hub(request)
     ids = [await hub.publish_message(m) for m in messages]
     log.debug("publish batch of %d: %s … %s", len(ids), ids[0], ids[-1])
@@ -68,7 +68,7 @@ async def publish_batch(request: Request) -> JSONResponse:
     return JSONResponse({"ids": ids}, status_code=202)
 
 
-def _rate_limit(request: Request, tenant: str) -> None:
+def rate_limit(request: Request, tenant: str) -> None:
     wait = state(request).publish_limit.retry_after("tenant\x1f" + tenant)
     if wait is not None:
         raise RateLimited("publish rate limit reached for this tenant", retry_after=wait)
