@@ -51,6 +51,7 @@ ARGS = [
 ]
 WAIT_MS = 20_000  # generous: reconnects back off with jitter
 expect.set_options(timeout=WAIT_MS)
+BACKOFF_CAP_MS = 30_000  # tidings.js' default backoff.max
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,8 @@ def test_page_recovers_what_was_published_while_it_was_away(
     assert page.evaluate("window.tidingsResets || 0") == 0
     page.unroute("**/api/v1/stream**")
 
-    page.wait_for_function("window.tidingsResets >= 1", timeout=WAIT_MS)
+    # The next attempt comes after a jittered backoff: at most its 30 s cap.
+    page.wait_for_function("window.tidingsResets >= 1", timeout=BACKOFF_CAP_MS + WAIT_MS)
     expect(page.locator("#status")).to_have_attribute("data-state", "open")
     expect(page.locator(f'#list li[data-id="{meanwhile["id"]}"]')).to_be_visible()
     expect(page.locator(f'#list li[data-id="{before["id"]}"]')).to_be_visible()
