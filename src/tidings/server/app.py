@@ -22,7 +22,7 @@ from ..hub import Hub
 from ..inbox import InboxService
 from ..metrics import Metrics
 from ..ratelimit import RateLimiter
-from . import admin, inbox, ops, publish, web
+from . import admin, inbox, openapi, ops, publish, web
 from .http import error_response
 from .sse import SSEEndpoint
 from .state import State
@@ -61,7 +61,7 @@ def create_app(
     routes: list[BaseRoute] = [Route(path, sse, methods=["GET"]) for path in SSE_PATHS]
     routes += [WebSocketRoute(path, WebSocketEndpoint()) for path in WS_PATHS]
     routes += publish.routes + ops.routes + admin.routes + inbox.routes  # after the streams
-    routes += web.routes  # /tidings.js, /demo, /admin
+    routes += web.routes + openapi.routes  # /tidings.js, /demo, /admin; /openapi.json, /docs
     if settings.metrics_port is None:
         routes.append(admin.metrics_route)
 
