@@ -540,6 +540,100 @@ async def test_rollback_changes_the_epoch(broker_url: str, make_hub: HubFactory)
     assert ann.conn.closed is CloseReason.DISCONNECTED
 
 
+# -- soak: many clients, random reconnects across instances, every event once ---------
+
+
+class Roamer:
+    """A client that keeps its events and cursor across connections to different hubs."""
+
+    def __init__(self, user: str, topic: str) -> None:
+        self.user, self.topic = user, topic
+        self.parser = SSEParser()
+        self.seen: list[int] = []
+        self.cursor: str | None = None
+        self.resets = 0
+        self.conn: SSEConnection | None = None
+        self.hub: Hub | None = None
+
+    async def connect(self, hub: Hub) -> None:
+        principal = Principal(self.user, topics=(self.topic,))
+        conn = SSEConnection(principal, hub.streams_for(principal, [self.topic]), limit=10_000)
+        resumption = await hub.broker.attach(conn, self.cursor)
+        if resumption.reset is not None:
+            self.resets += 1
+        self.cursor = conn.cursor()  # what the `welcome` carries as its id
+        hub.broker.release(conn, resumption)
+        self.conn, self.hub = conn, hub
+
+    def read(self) -> None:
+        if self.conn is None:
+            return
+        for frame in self.conn.drain():
+            for event in self.parser.feed(frame):
+                if event.event == "message":
+                    self.seen.append(int(event.data))
+        if self.parser.last_event_id:
+            self.cursor = self.parser.last_event_id
+
+    def disconnect(self) -> None:
+        self.read()
+        if self.conn is not None and self.hub is not None:
+            self.hub.broker.detach(self.conn)
+        self.conn = None
+
+
+async def test_soak_random_reconnects_across_instances(make_hub: HubFactory) -> None:
+    import random
+
+    rng = random.Random(5)
+    hubs = [await make_hub(history_size=1000), await make_hub(history_size=1000)]
+    topics = [f"room{i}" for i in range(5)]
+    clients = [Roamer(f"user{i}", topics[i % 5]) for i in range(200)]
+    for i, client in enumerate(clients):
+        await client.connect(hubs[i % 2])
+    expected: dict[str, list[int]] = {c.user: [] for c in clients}
+    for n in range(400):
+        kind = rng.random()
+        users = rng.sample(clients, rng.randint(1, 20)) if kind < 0.5 else []
+        topic = rng.choice(topics) if 0.3 < kind < 0.9 else None
+        broadcast = kind >= 0.9
+        await rng.choice(hubs).publish(
+            users=[c.user for c in users],
+            topics=[topic] if topic else [],
+            broadcast=broadcast,
+            data=n,
+        )
+        chosen = {c.user for c in users}
+        for c in clients:
+            if broadcast or c.user in chosen or c.topic == topic:
+                expected[c.user].append(n)
+        for c in rng.sample(clients, 3):  # some clients roam to the other instance
+            if c.conn is not None and rng.random() < 0.5:
+                c.disconnect()
+            else:
+                c.disconnect()
+                await c.connect(hubs[rng.randrange(2)])
+        for c in clients:
+            if c.conn is None and rng.random() < 0.2:
+                await c.connect(hubs[rng.randrange(2)])
+    for c in clients:
+        if c.conn is None:
+            await c.connect(hubs[rng.randrange(2)])
+
+    def complete() -> bool:
+        for c in clients:
+            c.read()
+        return all(len(c.seen) >= len(expected[c.user]) for c in clients)
+
+    await until(complete, "every client to have every event", within=30)
+    for c in clients:
+        assert c.resets == 0, c.user
+        want = expected[c.user]
+        dups = sorted({n for n in c.seen if c.seen.count(n) > 1})
+        gone = [n for n in want if n not in c.seen]
+        assert c.seen == want, (c.user, c.topic, "duplicates", dups, "missing", gone)
+
+
 # == Broker.resync with the memory backend (no Redis needed) ==========================
 
 
