@@ -109,8 +109,12 @@ class Broker:
         conn.epoch = self.backend.epoch
         self.connections[conn.id] = conn
         self.stats.connects += 1
-        await self._register(conn, conn.streams)
-        return await self._resume(conn, cursor, conn.streams)
+        try:
+            await self._register(conn, conn.streams)
+            return await self._resume(conn, cursor, conn.streams)
+        except BaseException:
+            self.detach(conn)  # the backend failed (or we were cancelled): leave no trace
+            raise
 
     async def add_streams(
         self, conn: Connection, streams: list[str], cursor: str | None = None

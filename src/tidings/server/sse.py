@@ -58,9 +58,13 @@ class SSEEndpoint:
             who, st.hub.streams_for(who, topics), limit=st.settings.client_buffer_size
         )
         broker = st.hub.broker
-        resumption = await broker.attach(
-            conn, wire.last_event_id(request.headers, request.query_params)
-        )
+        try:
+            resumption = await broker.attach(
+                conn, wire.last_event_id(request.headers, request.query_params)
+            )
+        except TidingsError as exc:  # the backend does not answer: 503, nothing registered
+            await error_response(exc)(scope, receive, send)
+            return
         listener = asyncio.ensure_future(_until_disconnect(receive, conn))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
