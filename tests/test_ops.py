@@ -194,11 +194,10 @@ async def test_readyz_checks_broker_and_database(tmp_path: object) -> None:
     settings = Settings(jwt_secret=SECRET, database_url=f"sqlite+aiosqlite:///{tmp_path}/r.db")
     app = create_app(settings)
     hub = app.state.tidings.hub
-    async with hub:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://t"
-        ) as c:
-            r = await c.get("/readyz")
+    async with hub, httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as c:
+        r = await c.get("/readyz")
     assert r.status_code == 200
     assert r.json()["checks"] == {"broker": "ok", "database": "ok"}
 
@@ -229,3 +228,34 @@ async def test_openapi_describes_every_rest_route(client: httpx.AsyncClient) -> 
                 if method != "HEAD":
                     assert method.lower() in spec["paths"][path], (method, path)
     assert "swagger" in (await client.get("/docs")).text.lower()
+
+
+async def test_connect_rate_limit_answers_429_with_retry_after(client: httpx.AsyncClient) -> None:
+    # connect_rate=2/s (bursts of 4) per client address; these requests fail auth
+    # after the rate check, so only the limiter's answer can be a 429.
+    statuses = [(await client.get("/api/v1/stream")).status_code for _ in range(6)]
+    assert statuses[:4] == [401] * 4
+    assert statuses[4] == 429
+    limited = await client.get("/api/v1/stream")
+    assert limited.json()["error"]["code"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1
+
+
+def test_json_logs_are_one_object_per_line_with_tokens_redacted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    import orjson
+
+    from tidings.logs import configure
+
+    configure("info", "json")
+    try:
+        logging.getLogger("tidings.test").info("GET /api/v1/stream?token=%s 200", "eyJsecret")
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+    finally:
+        logging.getLogger().handlers.clear()
+    entry = orjson.loads(line)
+    assert entry["level"] == "info" and entry["logger"] == "tidings.test"
+    assert "eyJsecret" not in line and "token=***" in entry["message"]

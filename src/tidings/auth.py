@@ -461,15 +461,19 @@ def redact(text: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """Applies `redact` to a record's message and string arguments (e.g. uvicorn's access log)."""
+    """Applies `redact` to a record's final message (e.g. uvicorn's access log).
+
+    The message is formatted first and the redacted text kept with no
+    arguments left: redacting the template alone could remove a `%s` after
+    `token=` and leave an argument (the token itself) with no place to go.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        elif isinstance(record.args, Mapping):
-            record.args = {
-                k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()
-            }
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True  # a broken record: let logging report it as usual
+        redacted = redact(message)
+        if redacted != message or record.args:
+            record.msg, record.args = redacted, None
         return True
