@@ -194,9 +194,10 @@ async def test_readyz_checks_broker_and_database(tmp_path: object) -> None:
     settings = Settings(jwt_secret=SECRET, database_url=f"sqlite+aiosqlite:///{tmp_path}/r.db")
     app = create_app(settings)
     hub = app.state.tidings.hub
-    async with hub, httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://t"
-    ) as c:
+    async with (
+        hub,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
         r = await c.get("/readyz")
     assert r.status_code == 200
     assert r.json()["checks"] == {"broker": "ok", "database": "ok"}
