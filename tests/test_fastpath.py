@@ -25,6 +25,7 @@ from websockets.asyncio.client import connect
 from server import StartServer, TidingsServer
 from sse_client import WAIT, Api, SSEClient, expect_marker, open_stream, sse_stream
 from tidings.auth import Principal
+from tidings.connection import SSEConnection
 from tidings.event import Event
 from tidings.server import fastpath
 from tidings.server.fasthttp import (
@@ -230,6 +231,76 @@ def test_a_chunked_connection_frames_events_as_whole_chunks() -> None:
     assert conn.heartbeat_frame() == chunk(b": ping\n\n")
 
 
+def _dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size, _, data = data.partition(b"\r\n")
+        n = int(size, 16)
+        out, data = out + data[:n], data[n + 2 :]
+    return out
+
+
+async def test_the_inlined_offer_delivers_exactly_what_the_base_class_would() -> None:
+    """ChunkedSSEConnection.offer takes a shortcut for single-stream events on a writable
+    connection; frames (once dechunked), positions and cursors must equal the general
+    path's, including duplicates, foreign streams, multi-stream events and a pause."""
+    streams = ["u:amy", "b", "t:news", "t:sport"]
+
+    class Reference(fastpath.ChunkedSSEConnection):
+        __slots__ = ()
+        offer = SSEConnection.offer  # the general path: deliver -> frame -> push
+
+    written: dict[str, list[bytes]] = {"fast": [], "ref": []}
+    conns = {
+        "fast": fastpath.ChunkedSSEConnection(Principal("amy"), streams, limit=1000, epoch="ep1"),
+        "ref": Reference(Principal("amy"), streams, limit=1000, epoch="ep1"),
+    }
+    for name, conn in conns.items():
+        for stream in streams:
+            conn.set_position(stream, 2)
+        conn.pending = None
+        conn.direct = written[name].append
+
+    seqs = {s: 2 for s in [*streams, "t:other"]}
+
+    def event(n: int, *on: str, again: bool = False) -> Event:
+        if not again:
+            for s in on:
+                seqs[s] += 1
+        return Event(f"e{n}", "", "tick", {"n": n, "文": "字"}, tuple((s, seqs[s]) for s in on))
+
+    script = [event(0, "t:news"), event(1, "t:news"), event(1, "t:news", again=True)]
+    script += [event(2, "u:amy"), event(3, "t:other"), event(4, "t:news", "b")]
+    script += [event(5, "t:sport"), event(6, "b", "u:amy"), Event("old", "", "x", 1, (("b", 1),))]
+    for n, ev in enumerate(script):
+        if n == 6:  # paused: both buffer from here on
+            await asyncio.sleep(0)  # the fast path's frames of this iteration are flushed
+            for conn in conns.values():
+                conn.direct = None
+        results = {name: conn.offer(ev) for name, conn in conns.items()}
+        assert results["fast"] == results["ref"], ev
+    fast, ref = conns["fast"], conns["ref"]
+    assert len(written["fast"]) == 1  # one write for the first six events
+    assert _dechunk(b"".join(written["fast"])) == _dechunk(b"".join(written["ref"]))
+    assert fast.drain() == ref.drain()  # the frames buffered while paused
+    assert (fast.positions, fast.cursor()) == (ref.positions, ref.cursor())
+    assert len(list(SSEParser().feed(_dechunk(b"".join(written["ref"]))))) == 4  # not vacuous
+
+
+async def test_frames_of_one_loop_iteration_leave_in_one_write() -> None:
+    conn = fastpath.ChunkedSSEConnection(Principal("bo"), ["u:bo"], limit=2, epoch="ep")
+    conn.set_position("u:bo", 0)
+    conn.pending = None
+    writes: list[bytes] = []
+    conn.direct = writes.append
+    for seq in range(1, 6):  # more than `limit`: a burst is not an overflow
+        assert conn.offer(Event(f"e{seq}", "", "message", seq, (("u:bo", seq),)))
+    assert writes == [] and conn.closed is None
+    await asyncio.sleep(0)
+    assert len(writes) == 1 and not conn.buffer
+    assert [e.data for e in SSEParser().feed(_dechunk(writes[0]))] == ["1", "2", "3", "4", "5"]
+
+
 def test_the_switch_is_the_environment_then_the_module_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -354,6 +425,17 @@ async def test_a_stream_gets_retry_welcome_and_events_through_the_fast_path(
         direct = await s.next_event()
         assert (direct.event, direct.json()) == ("direct", {"消息": text})
         assert news.id and direct.id and news.id != direct.id
+
+
+async def test_a_batch_bigger_than_the_buffer_reaches_a_reader_that_keeps_up(
+    srv: TidingsServer, api: Api
+) -> None:
+    dan = user()
+    async with sse_stream(srv.url, token=srv.token(dan)) as s:
+        assert served_fast(srv, (await s.next_event("welcome")).json())
+        await api.publish_batch([{"users": [dan], "data": {"n": n}} for n in range(1000)])
+        assert [(await s.next_event()).json()["n"] for _ in range(1000)] == list(range(1000))
+        await expect_marker(s, api, users=[dan])
 
 
 async def test_every_stream_path_is_served_fast(srv: TidingsServer) -> None:

@@ -7,7 +7,9 @@ capacity; failures answered as the same JSON errors, through the app's own
 middleware), then the response head, ``retry:``, the ``welcome`` event and any
 ``reset`` in one write, and then fan-out writes each event straight to the
 socket: ``conn.direct = transport.write``, no task and no wake-up per
-recipient. Any other request (other paths and methods, WebSocket upgrades,
+recipient. `ChunkedSSEConnection.offer` does the common case (one stream, a
+writable socket) inline, and with `COALESCE` the frames of one loop iteration
+leave in one write per socket. Any other request (other paths and methods, WebSocket upgrades,
 bodies, HTTP/1.0, anything odd) hands the socket and the bytes read so far to
 uvicorn's own `HttpToolsProtocol`, which serves the ASGI app as before; a
 keep-alive connection stays with uvicorn from then on.
@@ -73,8 +75,10 @@ ENABLED = True
 """The default; ``TIDINGS_FASTPATH=0`` or ``=1`` in the environment overrides it."""
 
 COALESCE = os.environ.get("TIDINGS_FASTPATH_COALESCE", "1") != "0"
-"""Fan-out appends each frame to its socket's list and one callback per loop iteration
-writes each list with one write; else fan-out calls `transport.write` per frame."""
+"""Fan-out appends each frame to its connection's buffer and one callback per loop
+iteration writes each buffer with one write (several publishes in one iteration cost one
+send per socket: twice the deliveries/s under load, the same fan-out latency); else
+fan-out calls `transport.write` per frame. ``TIDINGS_FASTPATH_COALESCE=0`` (benchmarks)."""
 
 STREAM_PATHS = frozenset(SSE_PATHS)
 _STREAM_PATHS_B = tuple(p.encode() for p in SSE_PATHS)
@@ -133,7 +137,7 @@ class ChunkedSSEConnection(SSEConnection):
         # holds only this loop iteration's frames (COALESCE) or nothing.
         direct = self.direct
         streams = event.streams
-        if direct is None or self.pending is not None or len(streams) != 1 or not _INLINE:
+        if direct is None or self.pending is not None or len(streams) != 1:
             return super().offer(event)
         stream, seq = streams[0]
         positions = self.positions
@@ -157,7 +161,7 @@ class ChunkedSSEConnection(SSEConnection):
             if not buffer:
                 _dirty.append(self)
                 if len(_dirty) == 1:
-                    asyncio.get_event_loop().call_soon(_flush)
+                    asyncio.get_running_loop().call_soon(_flush)
             buffer.append(frame)
         else:
             direct(frame)
@@ -166,8 +170,6 @@ class ChunkedSSEConnection(SSEConnection):
 
 _last_part: list[Any] = [None, 0, ""]  # (stream, seq) -> cursor part of the event in fan-out
 _dirty: list[SSEConnection] = []  # connections with frames for the next _flush
-_INLINE = os.environ.get("TIDINGS_FASTPATH_INLINE", "1") != "0"
-_INTERN = os.environ.get("TIDINGS_FASTPATH_INTERN", "1") != "0"
 
 
 def _flush() -> None:
@@ -272,10 +274,8 @@ class FastPath:
             if proto.phase != _SETUP:
                 return  # the client left meanwhile
             # Interned stream names: every connection's dicts share one key object per
-            # stream, so fan-out's lookups compare pointers, not strings (TIDINGS_FASTPATH_INTERN).
-            streams = st.hub.streams_for(who, topics)
-            if _INTERN:
-                streams = [sys.intern(s) for s in streams]
+            # stream, so fan-out's lookups compare pointers and touch no per-connection string.
+            streams = [sys.intern(s) for s in st.hub.streams_for(who, topics)]
             conn = ChunkedSSEConnection(who, streams, limit=st.settings.client_buffer_size)
             broker = st.hub.broker
             proto.conn = conn
