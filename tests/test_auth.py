@@ -23,15 +23,14 @@ from tidings.auth import (
     Credential,
     JWTVerifier,
     Principal,
-    RedactingFilter,
     RequestAuthenticator,
     extract_credential,
     mint_token,
     principal_from_claims,
-    redact,
 )
 from tidings.config import Settings
 from tidings.errors import BackendUnavailable, ConfigError, Unauthorized
+from tidings.logs import RedactingFilter, redact
 from tidings.topics import TopicPatterns, valid_pattern, valid_topic
 
 SECRET = "test-secret-" + "x" * 32

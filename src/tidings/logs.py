@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
 import orjson
 
-from .auth import RedactingFilter
+_TOKEN_PARAM = re.compile(r"(\b[\w-]*token=)[^&\s\"';,]+", re.IGNORECASE)
+_BEARER = re.compile(r"(\bbearer\s+)[^\s\"',;]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Masks ``…token=`` parameter values (token, access_token, tidings_token) and Bearer values."""
+    return _BEARER.sub(r"\1***", _TOKEN_PARAM.sub(r"\1***", text))
+
+
+class RedactingFilter(logging.Filter):
+    """Applies `redact` to a record's final message (e.g. uvicorn's access log).
+
+    The message is formatted first and the redacted text kept with no
+    arguments left: redacting the template alone could remove a `%s` after
+    `token=` and leave an argument (the token itself) with no place to go.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True  # a broken record: let logging report it as usual
+        redacted = redact(message)
+        if redacted != message or record.args:
+            record.msg, record.args = redacted, None
+        return True
 
 
 class JSONFormatter(logging.Formatter):
