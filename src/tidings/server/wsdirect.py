@@ -1,0 +1,168 @@
+"""Direct WebSocket writes: fan-out puts each frame straight on the socket.
+
+uvicorn's sans-I/O WebSocket protocol does the handshake, pings, reading and
+closing; `DIRECT_PROTOCOL` subclasses it to offer the endpoint a `DirectWriter`,
+so that a fan-out costs one transport write per recipient and no ASGI send.
+`uvicorn_options` is everything the endpoint needs from uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ..config import Settings
+from ..connection import WSConnection
+from ..event import CloseReason
+from ..types import Scope
+
+__all__ = ["DIRECT_PROTOCOL", "DirectWriter", "direct_writer", "pong_deadline", "uvicorn_options"]
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn settings the WebSocket endpoint relies on (`tidings serve` passes them).
+
+    * protocol pings every ``TIDINGS_WS_PING_INTERVAL``; a connection that has not
+      answered one within ``TIDINGS_WS_PONG_TIMEOUT`` of its last pong is closed (1011).
+    * frames over ``TIDINGS_MAX_PAYLOAD`` bytes close the connection (1009).
+    * permessage-deflate only when ``ws_per_message_deflate`` is set: compression is per
+      connection, so it would cost every recipient of a fan-out its own deflate.
+    * uvicorn's WebSocket protocol with direct writes (`DIRECT_PROTOCOL`), so fan-out
+      puts each event frame straight on the socket instead of through an ASGI send.
+    """
+    options: dict[str, Any] = {
+        "ws_ping_interval": settings.ws_ping_interval,
+        "ws_ping_timeout": pong_deadline(settings.ws_ping_interval, settings.ws_pong_timeout),
+        "ws_max_size": settings.max_payload,
+        "ws_per_message_deflate": settings.ws_per_message_deflate,
+    }
+    if DIRECT_PROTOCOL is not None:
+        options["ws"] = DIRECT_PROTOCOL
+    return options
+
+
+def pong_deadline(ping_interval: float, pong_timeout: float) -> float:
+    """uvicorn's wait for a pong, counted from its ping, for a deadline counted from the
+    last pong (as the seed's gorilla server does: ping every 54 s, pong wait 60 s).
+
+    When the pong timeout is not longer than the interval, each ping gets all of it.
+    """
+    if pong_timeout > ping_interval:
+        return pong_timeout - ping_interval
+    return pong_timeout
+
+
+def _text_header(size: int) -> bytes:
+    """The head of an unmasked, final text frame (server to client, RFC 6455 §5.2)."""
+    if size < 126:
+        return bytes((0x81, size))
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big")
+    return b"\x81\x7f" + size.to_bytes(8, "big")
+
+
+class DirectWriter:
+    """Writes a connection's frames straight to its socket while the socket takes them.
+
+    The fan-out hot path: `Connection.push` calls `write` (as `conn.direct`) — no task,
+    no wake-up, no ASGI send per recipient, as the SSE fast path does. While the
+    transport's buffer is over its high-water mark the connection has no `direct`, so
+    frames wait in its bounded buffer (an overflow closes it as SLOW); when the socket
+    drains, the buffer is written in order and `direct` comes back. Offered by
+    `DIRECT_PROTOCOL` as the ASGI extension ``tidings.direct`` when no extension
+    (permessage-deflate) was negotiated, since frames bypass the protocol's encoder.
+    """
+
+    __slots__ = ("conn", "protocol")
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.conn: WSConnection | None = None
+
+    def attach(self, conn: WSConnection) -> None:
+        """Write what `conn` has buffered, then each frame as it is pushed."""
+        self.conn = conn
+        if self.protocol.writable.is_set():
+            self.resumed()
+        else:
+            self.paused()
+
+    def detach(self) -> None:
+        if self.conn is not None:
+            self.conn.direct = None
+            self.conn = None
+
+    def lost(self) -> None:
+        """The socket is gone: close the connection now, before its buffer fills."""
+        conn = self.conn
+        self.detach()
+        if conn is not None:
+            conn.close(CloseReason.CLIENT)
+
+    def write(self, frame: bytes) -> None:
+        protocol = self.protocol
+        if protocol.close_sent or protocol.transport.is_closing():
+            return  # closing: the client resumes what it missed
+        protocol.transport.write(_text_header(len(frame)) + frame)
+
+    def paused(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.direct = None
+            conn.busy_since = conn.busy_since or time.monotonic()
+
+    def resumed(self) -> None:
+        conn = self.conn
+        if conn is None or conn.closed is not None:
+            return
+        for frame in conn.drain():
+            self.write(frame)
+        if self.protocol.writable.is_set():  # not paused again by the writes above
+            conn.busy_since = 0.0
+            conn.direct = self.write
+
+
+DIRECT_PROTOCOL: type[asyncio.Protocol] | None
+try:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.http11 import Request
+except ImportError:  # uvicorn before 0.35: frames go through ASGI sends
+    DIRECT_PROTOCOL = None
+else:
+
+    class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
+        """uvicorn's WebSocket protocol (handshake, pings, receiving, closing), plus a
+        `DirectWriter` for the app in the ASGI extension ``tidings.direct``."""
+
+        writer: DirectWriter | None = None
+
+        def handle_connect(self, event: Request) -> None:
+            super().handle_connect(event)
+            if self.response.status_code == 101 and not self.conn.extensions:
+                self.writer = DirectWriter(self)
+                self.scope["extensions"]["tidings.direct"] = {"writer": self.writer}
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self.writer is not None:
+                self.writer.paused()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.writer is not None:
+                self.writer.resumed()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.writer is not None:
+                self.writer.lost()
+            super().connection_lost(exc)
+
+    DIRECT_PROTOCOL = DirectWebSocketProtocol
+
+
+def direct_writer(scope: Scope) -> DirectWriter | None:
+    """The `DirectWriter` `DIRECT_PROTOCOL` offered this socket, if any."""
+    offer = scope.get("extensions", {}).get("tidings.direct")
+    writer = offer.get("writer") if isinstance(offer, dict) else None
+    return writer if isinstance(writer, DirectWriter) else None
