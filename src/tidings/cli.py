@@ -322,6 +322,15 @@ def _listen_parser(commands: Any) -> None:
     p.add_argument("--tenant", default="", help="with --user: the user's tenant")
     p.add_argument("--topics", help="topics to subscribe to: a,b")
     p.add_argument("--last-event-id", help="resume after this id")
+    p.add_argument(
+        "--transport",
+        choices=("sse", "ws"),
+        default="sse",
+        help="read over Server-Sent Events (default) or a WebSocket",
+    )
+    p.add_argument(
+        "--ws", dest="transport", action="store_const", const="ws", help="same as --transport ws"
+    )
     _config_flag(p)
     p.set_defaults(command=_listen)
 
@@ -343,14 +352,18 @@ def _listen(args: argparse.Namespace) -> int:
             print(f"… {state} to {args.url}", file=sys.stderr, flush=True)
 
     async def go() -> None:
-        subscriber = Subscriber(
-            args.url,
-            args.token or mint(),
-            topics=topics,
-            last_event_id=args.last_event_id,
-            token_provider=fresh_token if args.user else None,
-            on_state=on_state,
-        )
+        try:
+            subscriber = Subscriber(
+                args.url,
+                args.token or mint(),
+                topics=topics,
+                last_event_id=args.last_event_id,
+                token_provider=fresh_token if args.user else None,
+                on_state=on_state,
+                transport=args.transport,
+            )
+        except ValueError as exc:  # a --url the WebSocket transport cannot use
+            raise UsageError(str(exc)) from None
         async with subscriber:
             async for event in subscriber:
                 print(_format_event(event, tty), flush=True)
@@ -371,7 +384,11 @@ def _format_event(event: SSEEvent, tty: bool) -> str:
         data: Any = orjson.loads(event.data)
     except orjson.JSONDecodeError:
         data = event.data
-    return orjson.dumps({"event": event.event, "id": event.id, "data": data}).decode()
+    line: dict[str, Any] = {"event": event.event, "id": event.id, "data": data}
+    topic = getattr(event, "topic", None)  # a WSEvent names its topic
+    if topic is not None:
+        line["topic"] = topic
+    return orjson.dumps(line).decode()
 
 
 # -- shared -------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..errors import (
     Unauthorized,
 )
 
-__all__ = ["error_from_response", "raise_for_error", "retryable"]
+__all__ = ["error_from_code", "error_from_response", "raise_for_error", "retryable"]
 
 _CLASSES: tuple[type[TidingsError], ...] = (
     InvalidRequest,
@@ -51,6 +51,19 @@ def error_from_response(response: httpx.Response) -> TidingsError:
     error = TidingsError(message, retry_after=retry_after)
     error.status = response.status_code
     error.code = code or "http_error"
+    return error
+
+
+def error_from_code(code: str, message: str, *, retry_after: int | None = None) -> TidingsError:
+    """The exception for an error `code` without an HTTP answer (a WebSocket ``error``).
+
+    An unknown code keeps its name on a plain `TidingsError` (status 500: retryable).
+    """
+    cls = _BY_CODE.get(code)
+    if cls is not None:
+        return cls(message, retry_after=retry_after)
+    error = TidingsError(message, retry_after=retry_after)
+    error.code = code or "internal"
     return error
 
 

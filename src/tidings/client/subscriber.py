@@ -1,11 +1,13 @@
-"""`Subscriber`: read a user's SSE stream (API.md §4), reconnecting and resuming by itself.
+"""`Subscriber`: read a user's stream over SSE or WebSocket, reconnecting and resuming.
 
-One background task owns the HTTP stream: it connects, parses events into a
-bounded queue and, when the network or the server drops the stream, waits a
-jittered backoff and reconnects with ``Last-Event-ID`` set to the last id it
-read. The consumer just iterates; the queue's bound is its backpressure (a
-consumer that stops reading lets the server drop it as slow, and the resume
-recovers the rest from history).
+One background task owns the connection: it asks the transport (`sse.SSETransport`,
+API.md §4, or `ws.WSTransport`, §5) for one connection at a time, queues the events
+it yields in a bounded queue and, when the network or the server drops it, waits a
+jittered backoff and reconnects with the last id it read as the resume point. The
+rules for what is retried, the backoff, the resume point and token refresh live
+here once, for both transports. The consumer just iterates; the queue's bound is
+its backpressure (a consumer that stops reading lets the server drop it as slow,
+and the resume recovers the rest from history).
 """
 
 from __future__ import annotations
@@ -13,26 +15,23 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import aclosing
 from types import TracebackType
-from typing import Any
+from typing import Literal
 
 import httpx
-import orjson
 
 from ..errors import TidingsError, Unauthorized
-from ..wire import SSEEvent, SSEParser
-from .errors import error_from_response, retryable
+from ..wire import SSEEvent
+from .errors import retryable
+from .sse import SSETransport
+from .transport import Transport
+from .ws import WSTransport
 
 __all__ = ["Subscriber", "backoff_delay"]
 
-STREAM_PATH = "/api/v1/stream"
 QUEUE_SIZE = 256
 """Events read ahead of the consumer before the reader stops reading the socket."""
-IDLE_TIMEOUT = 75.0
-"""Seconds of silence after which a stream counts as dead, until the welcome names
-the server's heartbeat interval; from then on it is 2 × heartbeat + 5 s."""
-CONNECT_TIMEOUT = 10.0
-_STREAM_TIMEOUT = httpx.Timeout(CONNECT_TIMEOUT, read=None)  # silence is judged per stream
 _MAX_EXPONENT = 64  # 2.0**64 × any sane `initial` is far above any cap; no float overflow
 
 TokenProvider = Callable[[], Awaitable[str]]
@@ -63,19 +62,23 @@ class Subscriber:
         token: the user's JWT, sent as ``Authorization: Bearer``.
         topics: topics to subscribe to besides the user's own stream and broadcasts.
         last_event_id: resume after this id (e.g. kept from an earlier run).
-        token_provider: called for a fresh token when the server answers 401 (say the
-            token expired). Without one, a 401 raises `tidings.errors.Unauthorized`.
+        token_provider: called for a fresh token when the server refuses the token (HTTP
+            401, WebSocket close 4401: say it expired). Without one, that raises
+            `tidings.errors.Unauthorized`.
         backoff_initial, backoff_max: seconds; see `backoff_delay`.
-        client: an ``httpx.AsyncClient`` to share (not closed by `close`).
+        client: an ``httpx.AsyncClient`` to share (not closed by `close`); SSE only.
         on_state: called with ``"connecting"``, ``"open"``, ``"reconnecting"``, ``"closed"``.
+        transport: ``"sse"`` (default: ``GET /api/v1/stream``) or ``"ws"`` (the WebSocket
+            ``/api/v1/ws``; events are `ws.WSEvent`, an `SSEEvent` that also names the
+            ``topic``). Both yield the same events and follow the same rules.
 
     Every event is yielded, including ``welcome`` (each connect) and ``reset`` (the
     server could not resume from our id: refetch whatever the app shows, e.g. the
-    inbox). Network errors, 5xx/429/503 answers and the server ending the stream
-    are retried forever with backoff, reset after each successful connect;
-    400, 403 and 404 raise (retrying cannot help). The server's ``retry:`` hint
-    is deliberately not used: jittered backoff spreads a reconnecting crowd,
-    a fixed delay does not. A ``Retry-After`` on 429/503 is the least delay.
+    inbox). Network errors, 5xx/429/503 answers (WebSocket: 1013, 4429) and the
+    server ending the stream (WebSocket: any other close) are retried forever with
+    backoff, reset after each successful connect; 400, 403 and 404 (WebSocket: 1008,
+    4403, an ``error`` message such as a forbidden topic) raise: retrying cannot
+    help. A ``Retry-After`` on 429/503 is the least delay.
     """
 
     def __init__(
@@ -90,25 +93,33 @@ class Subscriber:
         backoff_max: float = 30.0,
         client: httpx.AsyncClient | None = None,
         on_state: StateCallback | None = None,
+        transport: Literal["sse", "ws"] = "sse",
     ) -> None:
         if backoff_initial <= 0 or backoff_max < backoff_initial:
             raise ValueError("need 0 < backoff_initial <= backoff_max")
-        self.url = base_url.rstrip("/") + STREAM_PATH
         self.topics = [topics] if isinstance(topics, str) else list(topics)
+        self._transport: Transport
+        if transport == "sse":
+            self._transport = SSETransport(base_url, self.topics, client)
+        elif transport == "ws":
+            if client is not None:
+                raise ValueError("client is an httpx client, for transport='sse' only")
+            self._transport = WSTransport(base_url, self.topics)
+        else:
+            raise ValueError(f"transport must be 'sse' or 'ws', not {transport!r}")
+        self.transport = transport
+        self.url = self._transport.url
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._token = token
         self._token_provider = token_provider
         self._on_state = on_state
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=_STREAM_TIMEOUT)
         self._last_event_id = last_event_id  # the last id handed to the consumer
         self._cursor = last_event_id  # the last id read from the wire (resume point)
-        self._idle_timeout = IDLE_TIMEOUT
         self._queue: asyncio.Queue[SSEEvent | BaseException | None] = asyncio.Queue(QUEUE_SIZE)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._opened = False  # the current connection got its 200
+        self._opened = False  # the current connection was accepted
         self.state = "idle"
 
     @property
@@ -159,8 +170,7 @@ class Subscriber:
         while not self._queue.empty():
             self._queue.get_nowait()
         self._queue.put_nowait(None)
-        if self._owns_client:
-            await self._client.aclose()
+        await self._transport.aclose()
         self._set_state("closed")
 
     # -- reader task ----------------------------------------------------------------------
@@ -196,73 +206,32 @@ class Subscriber:
                 if not retryable(exc):
                     raise
                 least = float(exc.retry_after or 0)
-            except httpx.UnsupportedProtocol:
-                raise  # a base_url such as ftp://... will not get better
-            except (httpx.TransportError, TimeoutError):
-                pass  # network trouble, or a stream silent for too long: reconnect
+            except Exception as exc:
+                if not self._transport.transient(exc):
+                    raise
+                # network trouble, or a connection silent for too long: reconnect
             if self._opened:  # however it ended, it connected: start small again
                 attempt, token_is_fresh = 0, False
             await self._backoff(attempt, least)
             attempt += 1
 
     async def _connect_and_read(self) -> None:
-        """One connection: returns when the server ends the stream; raises on failures."""
+        """One connection: returns when the server ends it; raises on failures."""
         self._set_state("connecting")
-        async with self._client.stream(
-            "GET", self.url, params=self._params(), headers=self._headers(), timeout=_STREAM_TIMEOUT
-        ) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise error_from_response(response)
-            self._opened = True
-            self._set_state("open")
-            await self._read(response)
-
-    async def _read(self, response: httpx.Response) -> None:
-        parser = SSEParser()
-        chunks = response.aiter_raw()
-        while True:
-            async with asyncio.timeout(self._idle_timeout):
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    return
-            for event in parser.feed(chunk):
-                if event.event == "retry" and event.retry is not None and not event.data:
-                    continue  # a bare `retry:` line, not an event (see class docstring)
-                if event.id is not None:
-                    self._cursor = event.id
-                if event.event == "welcome":
-                    self._learn_heartbeat(event)
-                await self._queue.put(event)
+        async with aclosing(self._transport.connect(self._token, self._cursor)) as items:
+            async for item in items:
+                if isinstance(item, str):  # OPEN: accepted
+                    self._opened = True
+                    self._set_state("open")
+                    continue
+                if item.id is not None:
+                    self._cursor = item.id
+                await self._queue.put(item)
 
     async def _backoff(self, attempt: int, least: float = 0.0) -> None:
         self._set_state("reconnecting")
         delay = backoff_delay(attempt, self.backoff_initial, self.backoff_max)
         await asyncio.sleep(max(delay, least))
-
-    def _learn_heartbeat(self, welcome: SSEEvent) -> None:
-        try:
-            data: Any = orjson.loads(welcome.data)
-            interval = float(data["heartbeat_interval"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return
-        if interval > 0:
-            self._idle_timeout = 2 * interval + 5
-
-    def _headers(self) -> dict[str, str]:
-        headers = {
-            "Authorization": f"Bearer {self._token}",
-            "Accept": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "Accept-Encoding": "identity",  # a compressing proxy would hold events back
-        }
-        if self._cursor is not None:
-            headers["Last-Event-ID"] = self._cursor
-        return headers
-
-    def _params(self) -> dict[str, str]:
-        return {"topics": ",".join(self.topics)} if self.topics else {}
 
     def _set_state(self, state: str) -> None:
         self.state = state
