@@ -1,4 +1,4 @@
-"""The SSE endpoint on plain ASGI: checks before the 200, then one pump per connection.
+"""The SSE endpoint on plain ASGI: `open_sse` before the 200, then one pump per connection.
 
 The pump waits on the connection's buffer and writes everything buffered in
 one `send`; a second task only listens for the client's disconnect. Fan-out
@@ -16,11 +16,11 @@ from starlette.requests import HTTPConnection
 
 from .. import wire
 from ..connection import SSEConnection
-from ..errors import RateLimited, TidingsError
+from ..errors import TidingsError
 from ..event import CloseReason
 from ..types import Receive, Scope, Send
-from .http import client_ip, error_response, principal, state
-from .streams import check_capacity, requested_topics, subscriber
+from .http import error_response, state
+from .streams import greet, open_sse
 
 log = logging.getLogger("tidings.sse")
 
@@ -39,50 +39,16 @@ class SSEEndpoint:
         request = HTTPConnection(scope)
         st = state(request)
         try:
-            wait = st.connect_limit.retry_after(client_ip(request))
-            if wait is not None:
-                raise RateLimited(
-                    "too many connection attempts from this address", retry_after=wait
-                )
-            who = await principal(request)
-            subscriber(who)
-            topics = requested_topics(st, who, request.query_params)
-            check_capacity(st, who)
-            if not st.hub.running:
-                await st.hub.start()
-            unread = await st.unread_count(who)
-        except TidingsError as exc:
+            opened = await open_sse(request, SSEConnection)
+        except TidingsError as exc:  # nothing registered (a broker that fails: 503)
             await error_response(exc)(scope, receive, send)
             return
-        conn = SSEConnection(
-            who, st.hub.streams_for(who, topics), limit=st.settings.client_buffer_size
-        )
-        broker = st.hub.broker
-        try:
-            resumption = await broker.attach(
-                conn, wire.last_event_id(request.headers, request.query_params)
-            )
-        except TidingsError as exc:  # the backend does not answer: 503, nothing registered
-            await error_response(exc)(scope, receive, send)
-            return
+        conn, broker = opened.conn, st.hub.broker
         listener = asyncio.ensure_future(_until_disconnect(receive, conn))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            welcome = {
-                "connection_id": conn.id,
-                "user_id": who.user_id,
-                "tenant": who.tenant,
-                "topics": topics,
-                "unread_count": unread,
-                "heartbeat_interval": st.settings.heartbeat_interval,
-            }
-            conn.push(wire.sse_retry(st.settings.retry_ms), force=True)
-            conn.push(wire.sse_frame(conn.cursor(), "welcome", welcome), force=True)
-            if resumption.reset is not None:
-                conn.push(
-                    wire.sse_frame(conn.cursor(), "reset", {"reason": resumption.reset}), force=True
-                )
-            broker.release(conn, resumption)
+            greet(st, opened)
+            who, topics = conn.principal, opened.welcome["topics"]
             log.debug(
                 "sse open %s user=%r tenant=%r topics=%s", conn.id, who.user_id, who.tenant, topics
             )

@@ -1,15 +1,94 @@
-"""What SSE and WebSocket share before a stream opens: checks and the welcome."""
+"""What the streams share before they open: the checks, and for SSE the whole opening.
+
+`open_sse` is the one way an SSE stream opens, on the ASGI path (`server/sse.py`) and
+on the fast path (`server/fastpath.py`) alike, so the two cannot answer differently:
+connect rate, credential, subscriber, topics, capacity, the unread count, then the
+attach with the client's cursor. `greet` queues what every stream starts with.
+WebSocket uses the checks below on its own opening (auth may come as a message).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
+from starlette.requests import HTTPConnection
+
+from .. import wire
 from ..auth import Principal
-from ..errors import Forbidden, InvalidRequest, OverCapacity
+from ..broker import Resumption
+from ..connection import Connection
+from ..errors import Forbidden, InvalidRequest, OverCapacity, RateLimited
 from ..hub import TOPIC_RULE
 from ..topics import valid_topic
 from ..wire import split_list
+from .http import client_ip, principal, state
 from .state import State
+
+C = TypeVar("C", bound=Connection)
+
+
+@dataclass(slots=True)
+class Opened(Generic[C]):
+    """A stream that passed every check and is attached; live events are held until `greet`."""
+
+    conn: C
+    resumption: Resumption
+    welcome: dict[str, Any]
+
+
+async def open_sse(request: HTTPConnection, connection: type[C]) -> Opened[C]:
+    """Check an SSE stream request and attach a new `connection` for it.
+
+    Raises `TidingsError` before anything is registered (connect rate 429, credential
+    401, API key or topic 403, topic names and counts 400, capacity 503, a broker that
+    does not answer 503): the caller answers it as JSON. Any other exception is a bug.
+    """
+    st = state(request)
+    wait = st.connect_limit.retry_after(client_ip(request))
+    if wait is not None:
+        raise RateLimited("too many connection attempts from this address", retry_after=wait)
+    who = await principal(request)
+    subscriber(who)
+    topics = requested_topics(st, who, request.query_params)
+    check_capacity(st, who)
+    if not st.hub.running:
+        await st.hub.start()
+    unread = await st.unread_count(who)
+    # Interned stream names: every connection's dicts share one key object per stream,
+    # so fan-out's lookups compare pointers and touch no per-connection string.
+    streams = [sys.intern(s) for s in st.hub.streams_for(who, topics)]
+    conn = connection(who, streams, limit=st.settings.client_buffer_size)
+    cursor = wire.last_event_id(request.headers, request.query_params)
+    resumption = await st.hub.broker.attach(conn, cursor)  # on failure it leaves no trace
+    welcome = {
+        "connection_id": conn.id,
+        "user_id": who.user_id,
+        "tenant": who.tenant,
+        "topics": topics,
+        "unread_count": unread,
+        "heartbeat_interval": st.settings.heartbeat_interval,
+    }
+    return Opened(conn, resumption, welcome)
+
+
+def greet(st: State, opened: Opened[C], wrap: Callable[[bytes], bytes] | None = None) -> None:
+    """Queue ``retry:``, the ``welcome`` and any ``reset`` (each through `wrap`, e.g. into
+    an HTTP chunk), then release the replay and the held live events: the stream is live."""
+    conn = opened.conn
+    wrap = wrap or _as_is
+    conn.push(wrap(wire.sse_retry(st.settings.retry_ms)), force=True)
+    conn.push(wrap(wire.sse_frame(conn.cursor(), "welcome", opened.welcome)), force=True)
+    reset = opened.resumption.reset
+    if reset is not None:
+        conn.push(wrap(wire.sse_frame(conn.cursor(), "reset", {"reason": reset})), force=True)
+    st.hub.broker.release(conn, opened.resumption)
+
+
+def _as_is(frame: bytes) -> bytes:
+    return frame
 
 
 def requested_topics(state: State, principal: Principal, query: Mapping[str, str]) -> list[str]:

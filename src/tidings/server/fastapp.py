@@ -1,0 +1,141 @@
+"""The fast path's stream request as an ASGI call, through the app's own middleware.
+
+`FastPath` is what every `FastProtocol` of one server shares: the app's `State`,
+uvicorn's config and server state, and `stack`, the app's user middleware (CORS) and
+uvicorn's proxy-headers middleware around `FastPath.open_stream`, so a stream request
+sees the heads and client addresses it would see on the ASGI path. `open_stream` is
+`streams.open_sse` and `streams.greet`, exactly as `server/sse.py` calls them; `Capture`
+records its answer for the protocol to write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, cast
+
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection
+from uvicorn.config import Config
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from ..errors import TidingsError
+from .fasthttp import chunk
+from .fastwriter import ChunkedSSEConnection
+from .http import error_response
+from .sse import HEADERS
+from .state import State
+from .streams import greet, open_sse
+
+if TYPE_CHECKING:
+    from .fastproto import FastProtocol
+
+log = logging.getLogger("tidings.fastpath")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+INTERNAL = "internal error; it has been logged"  # the ASGI path's answer to a bug, too
+
+
+class Capture:
+    """The ASGI `send`/`receive` of one stream setup: records the response."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+
+    async def receive(self) -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+            self.headers = list(message.get("headers", ()))
+        elif message["type"] == "http.response.body":
+            self.body += bytes(message.get("body", b""))
+
+    async def internal_error(self) -> None:
+        """Answer 500 as the app's handler of unexpected errors does."""
+        await error_response(TidingsError(INTERNAL))({"type": "http"}, self.receive, self.send)
+
+
+class FastPath:
+    """What every FastProtocol of one server shares: the app's state and uvicorn's."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.state: State = app.state.tidings
+        self.config: Config | None = None
+        self.server_state = ServerState()
+        self.app_state: dict[str, Any] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stack: ASGIApp = self.open_stream
+
+    def bind(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        if self.config is config and self.server_state is server_state:
+            return
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = loop or asyncio.get_event_loop()
+        stack: Any = self.open_stream
+        for cls, args, kwargs in reversed(self.app.user_middleware):
+            stack = cls(stack, *args, **kwargs)
+        if config.proxy_headers:
+            stack = ProxyHeadersMiddleware(stack, trusted_hosts=config.forwarded_allow_ips)
+        self.stack = cast(ASGIApp, stack)
+
+    def uvicorn_protocol(self) -> HttpToolsProtocol:
+        assert self.config is not None
+        return HttpToolsProtocol(
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.app_state,
+            _loop=self.loop,
+        )
+
+    async def open_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`server/sse.py`'s opening as an ASGI app (so middleware wraps it); it leaves an
+        attached, greeted connection on the protocol (`FastProtocol.adopt`)."""
+        proto: FastProtocol = scope["tidings.protocol"]
+        st = self.state
+        try:
+            opened = await open_sse(HTTPConnection(scope), ChunkedSSEConnection)
+        except TidingsError as exc:  # nothing registered (a broker that fails: 503)
+            await error_response(exc)(scope, receive, send)
+            return
+        except Exception as exc:
+            log.error("unhandled error opening a stream", exc_info=exc)
+            await error_response(TidingsError(INTERNAL))(scope, receive, send)
+            return
+        conn = opened.conn
+        if not proto.adopt(conn):
+            st.hub.broker.detach(conn)  # the client left meanwhile
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        greet(st, opened, chunk)
+        who = conn.principal
+        topics = opened.welcome["topics"]
+        log.debug(
+            "sse open %s user=%r tenant=%r topics=%s (fast path)",
+            conn.id,
+            who.user_id,
+            who.tenant,
+            topics,
+        )

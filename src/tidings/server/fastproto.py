@@ -1,0 +1,313 @@
+"""The fast path's socket: one asyncio protocol per client connection.
+
+It reads the request head; a stream request (`fasthttp.is_stream`) is served here,
+anything else is handed, with the bytes read so far, to uvicorn's `HttpToolsProtocol`.
+A stream's checks and attach run as one task (`FastPath.stack`); then the response
+head, ``retry:``, the ``welcome`` and any ``reset`` leave in one write and fan-out
+writes straight to the socket (``conn.direct = transport.write``): no task, no timer
+and no read buffer per idle stream.
+
+Back-pressure: while the transport's write buffer is over its high-water mark
+(`pause_writing`) the connection has no `direct` writer, so frames go to its bounded
+buffer and an overflow closes it as SLOW (the client resumes from history with its
+cursor); `resume_writing` flushes the buffer and restores `direct`.
+
+Shutdown: `_Server.shutdown` (run.py) closes every connection with SHUTDOWN first;
+this protocol then writes ``retry: 1000`` and the ``shutdown`` event, ends the chunked
+body and closes the socket. Protocols are in uvicorn's `server_state.connections`, so
+uvicorn's graceful shutdown waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, ClassVar, cast
+
+from uvicorn.config import Config
+from uvicorn.protocols.utils import is_ssl
+from uvicorn.server import ServerState
+
+from ..event import CloseReason
+from .app import SSE_PATHS
+from .fastapp import Capture, FastPath, Scope
+from .fasthttp import (
+    LAST_CHUNK,
+    MAX_HEAD,
+    HeadError,
+    RequestHead,
+    head_end,
+    is_stream,
+    may_be_stream,
+    parse_head,
+    response_head,
+)
+from .fastwriter import SHUTDOWN_TAIL, ChunkedSSEConnection
+
+log = logging.getLogger("tidings.fastpath")
+
+STREAM_PATHS = frozenset(SSE_PATHS)
+_STREAM_PATHS_B = tuple(p.encode() for p in SSE_PATHS)
+
+# Phases of a FastProtocol.
+_HEAD = 0  # reading a request head
+_SETUP = 1  # checks and attach running
+_LIVE = 2  # streaming
+_GONE = 3  # closed, or handed to uvicorn
+
+
+class FastProtocol(asyncio.Protocol):
+    """One client socket: a stream served here, or a request handed to uvicorn."""
+
+    fast: ClassVar[FastPath]
+
+    __slots__ = ("_buffer", "_paused", "_stopping", "conn", "phase", "transport")
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.fast.bind(config, server_state, app_state, _loop)
+        self.transport: asyncio.Transport | None = None
+        self.conn: ChunkedSSEConnection | None = None
+        self.phase = _HEAD
+        self._buffer = b""
+        self._paused = False
+        self._stopping = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.fast.server_state.connections.add(self)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == _HEAD:
+            self._buffer += data
+            self._read_head()
+        elif self.phase == _SETUP:
+            # A pipelined request behind the stream request: kept for after an error answer.
+            self._buffer += data
+            if len(self._buffer) > MAX_HEAD and self.transport is not None:
+                self.transport.abort()
+        # _LIVE: an SSE client has nothing more to say; ignore it.
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fast.server_state.connections.discard(self)
+        self.phase = _GONE
+        self.transport = None
+        self._buffer = b""
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.direct = None
+            self.fast.state.hub.broker.detach(conn)
+            log.debug("sse close %s reason=%s", conn.id, conn.closed.name if conn.closed else "-")
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        conn = self.conn
+        if conn is not None:
+            conn.direct = None
+            conn.busy_since = time.monotonic()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        conn = self.conn
+        transport = self.transport
+        if conn is None or transport is None or self.phase != _LIVE or conn.closed is not None:
+            return
+        unsent = self._unsent()
+        if unsent:
+            transport.write(unsent)  # may pause again at once
+        if not self._paused:
+            conn.direct = transport.write
+            conn.busy_since = 0.0
+
+    def _unsent(self) -> bytes:
+        conn = self.conn
+        return b"".join(conn.drain()) if conn is not None else b""
+
+    # -- uvicorn's server calls this on a graceful shutdown ---------------------------
+
+    def shutdown(self) -> None:
+        if self.phase == _HEAD and self.transport is not None:
+            self.transport.close()
+        elif self.phase == _SETUP:
+            self._stopping = True
+        elif self.conn is not None:
+            self.conn.close(CloseReason.SHUTDOWN)
+
+    # -- request heads -------------------------------------------------------------------
+
+    def _read_head(self) -> None:
+        buffer = self._buffer
+        if not may_be_stream(buffer[:64], _STREAM_PATHS_B):
+            self._hand_off()
+            return
+        end = head_end(buffer)
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                self._hand_off()
+            return
+        try:
+            head = parse_head(buffer[:end])
+        except HeadError:
+            self._hand_off()  # uvicorn answers it (400) as it always has
+            return
+        if not is_stream(head, STREAM_PATHS) or self.fast.config is None:
+            self._hand_off()
+            return
+        self._buffer = buffer[end:]
+        self.phase = _SETUP
+        loop = self.fast.loop or asyncio.get_event_loop()
+        task = loop.create_task(self._setup(head))
+        tasks = self.fast.server_state.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _hand_off(self) -> None:
+        """Give the socket and everything read so far to uvicorn's HTTP protocol."""
+        transport, data = self.transport, self._buffer
+        self.fast.server_state.connections.discard(self)
+        self.phase = _GONE
+        self.transport = None
+        self._buffer = b""
+        if transport is None or transport.is_closing():
+            return
+        proto = self.fast.uvicorn_protocol()
+        proto.connection_made(transport)
+        transport.set_protocol(proto)
+        if data:
+            proto.data_received(data)
+
+    # -- a stream request ----------------------------------------------------------------
+
+    def adopt(self, conn: ChunkedSSEConnection) -> bool:
+        """Take the attached connection of this request; False if the client has left."""
+        if self.phase != _SETUP:
+            return False
+        self.conn = conn
+        return True
+
+    def _scope(self, head: RequestHead) -> Scope:
+        fast = self.fast
+        transport = self.transport
+        assert transport is not None and fast.config is not None
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": head.version,
+            "server": _local_addr(transport),
+            "client": _remote_addr(transport),
+            "scheme": "https" if is_ssl(transport) else "http",
+            "root_path": fast.config.root_path,
+            "method": head.method,
+            "path": head.path,
+            "raw_path": head.raw_path,
+            "query_string": head.query,
+            "headers": head.headers,
+            "state": fast.app_state.copy(),
+            "app": fast.app,
+            "tidings.protocol": self,
+        }
+
+    async def _setup(self, head: RequestHead) -> None:
+        capture = Capture()
+        try:
+            await self.fast.stack(self._scope(head), capture.receive, capture.send)
+        except Exception as exc:  # middleware failing; open_stream itself answers its errors
+            log.error("unhandled error opening a stream", exc_info=exc)
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                self.fast.state.hub.broker.detach(conn)
+            capture = Capture()
+            await capture.internal_error()
+        if self.phase != _SETUP:
+            return  # the client left; connection_lost cleaned up
+        if capture.status == 200 and self.conn is not None:
+            self._go_live(capture)
+        else:
+            self._answer(capture, head)
+
+    def _go_live(self, capture: Capture) -> None:
+        conn, transport = self.conn, self.transport
+        assert conn is not None and transport is not None
+        self.phase = _LIVE
+        defaults = self.fast.server_state.default_headers
+        head = response_head(200, capture.headers, defaults, chunked=True)
+        self._buffer = b""
+        transport.write(head + b"".join(conn.drain()))
+        if conn.closed is not None:  # overflowed or disconnected during the setup
+            self._closed(conn.closed)
+            return
+        conn.on_close(self._closed)
+        if not self._paused:
+            conn.direct = transport.write
+        else:
+            conn.busy_since = time.monotonic()
+        if self._stopping:
+            conn.close(CloseReason.SHUTDOWN)
+
+    def _answer(self, capture: Capture, head: RequestHead) -> None:
+        """An error before any 200: answer it; the connection stays open for more requests."""
+        transport = self.transport
+        assert transport is not None
+        if capture.status == 0:  # nothing was sent: should not happen
+            capture.status = 500
+        close = not head.keep_alive or self._stopping
+        defaults = self.fast.server_state.default_headers
+        out = response_head(capture.status, capture.headers, defaults, close=close)
+        transport.write(out + capture.body)
+        if close:
+            transport.close()
+            return
+        self.phase = _HEAD
+        if self._buffer:
+            self._read_head()
+
+    def _closed(self, reason: CloseReason) -> None:
+        """`conn.close()` was called (overflow, shutdown, disconnect, timeout)."""
+        transport = self.transport
+        conn = self.conn
+        if transport is None or transport.is_closing():
+            return
+        if conn is not None:
+            conn.direct = None
+        if reason is CloseReason.SLOW or reason is CloseReason.TIMEOUT:
+            # It stopped reading: what is still queued is lost to this socket, not to the
+            # client, whose reconnect replays it from history.
+            transport.abort()
+            return
+        tail = self._unsent()
+        tail += SHUTDOWN_TAIL if reason is CloseReason.SHUTDOWN else LAST_CHUNK
+        transport.write(tail)
+        if self._paused:
+            transport.abort()  # it would hold the close (and a shutdown) until it reads
+        else:
+            transport.close()
+
+
+def _remote_addr(transport: asyncio.Transport) -> tuple[str, int] | None:
+    # The transport's own copies: asking for its "socket" (as uvicorn's helpers do) makes
+    # uvloop create and keep a socket object and both addresses for every connection.
+    info = transport.get_extra_info("peername")
+    if isinstance(info, tuple | list) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
+
+
+def _local_addr(transport: asyncio.Transport) -> tuple[str, int | None] | None:
+    info = transport.get_extra_info("sockname")
+    if isinstance(info, tuple | list) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    if isinstance(info, str):
+        return (info, None)
+    return None
