@@ -14,7 +14,7 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from . import cursor as cursors
@@ -38,6 +38,7 @@ class TenantCounts:
     published: int = 0
     delivered: int = 0
     dropped: int = 0
+    connections: int = 0  # open here now
 
 
 @dataclass(slots=True)
@@ -59,6 +60,9 @@ class Broker:
         self._readers: dict[str, set[Connection]] = {}
         self.latency_observer: Callable[[float], None] | None = None
         self.tenant_counts: dict[str, TenantCounts] = {}
+        # Stream keys whose local reader count changed since shared presence last
+        # looked (presence.py swaps the set out); None: nobody looks, keep nothing.
+        self.touched: set[str] | None = None
 
     # -- fan-out --------------------------------------------------------------
 
@@ -109,6 +113,10 @@ class Broker:
         conn.epoch = self.backend.epoch
         self.connections[conn.id] = conn
         self.stats.connects += 1
+        counts = self.tenant_counts.get(conn.tenant)
+        if counts is None:
+            counts = self.tenant_counts[conn.tenant] = TenantCounts()
+        counts.connections += 1
         try:
             await self._register(conn, conn.streams)
             return await self._resume(conn, cursor, conn.streams)
@@ -150,8 +158,11 @@ class Broker:
 
     async def _register(self, conn: Connection, streams: list[str]) -> None:
         fresh = []
+        touched = self.touched
         for stream in streams:
             key = stream_key(conn.tenant, stream)
+            if touched is not None:
+                touched.add(key)
             readers = self._readers.get(key)
             if readers is None:
                 readers = self._readers[key] = set()
@@ -162,8 +173,11 @@ class Broker:
 
     def _unregister(self, conn: Connection, streams: list[str]) -> None:
         gone = []
+        touched = self.touched
         for stream in streams:
             key = stream_key(conn.tenant, stream)
+            if touched is not None:
+                touched.add(key)
             readers = self._readers.get(key)
             if readers is not None:
                 readers.discard(conn)
@@ -269,6 +283,7 @@ class Broker:
         if self.connections.pop(conn.id, None) is None:
             return
         self.stats.disconnects += 1
+        self.tenant_counts[conn.tenant].connections -= 1
         self._unregister(conn, conn.streams)
         if conn.closed is None:
             conn.close(CloseReason.CLIENT)
@@ -288,6 +303,15 @@ class Broker:
 
     def user_connections(self, tenant: str, user_id: str) -> list[Connection]:
         return list(self._readers.get(stream_key(tenant, user_stream(user_id)), ()))
+
+    def readers(self, key: str) -> int:
+        """How many local connections read the stream `key` (see `stream_key`)."""
+        return len(self._readers.get(key, ()))
+
+    def stream_readers(self) -> Iterator[tuple[str, int]]:
+        """(stream key, local readers) of every stream read here."""
+        for key, readers in self._readers.items():
+            yield key, len(readers)
 
     def users(self, tenant: str | None = None) -> set[tuple[str, str]]:
         return {

@@ -154,6 +154,8 @@ class Settings(BaseSettings):
     ws_auth_timeout: Duration = Field(10.0, gt=0)
     ws_per_message_deflate: bool = False
     workers: int = Field(1, ge=1)
+    presence_interval: Duration = Field(1.0, gt=0)
+    presence_ttl: Duration = Field(10.0, gt=0)
     connect_rate: float = Field(0.0, ge=0)
     publish_rate: float = Field(0.0, ge=0)
     dev_mode: bool = False
@@ -240,6 +242,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"TIDINGS_CLIENT_TIMEOUT must be at least 2 × TIDINGS_HEARTBEAT_INTERVAL "
                 f"({_num(2 * self.heartbeat_interval)} s), got {_num(self.client_timeout)} s"
+            )
+        if self.presence_ttl < 2 * self.presence_interval:
+            raise ValueError(
+                f"TIDINGS_PRESENCE_TTL must be at least 2 × TIDINGS_PRESENCE_INTERVAL "
+                f"({_num(2 * self.presence_interval)} s), got {_num(self.presence_ttl)} s"
             )
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError("TIDINGS_METRICS_PORT must differ from TIDINGS_PORT")

@@ -23,7 +23,7 @@ from .auth import Principal
 from .backends.base import Backend, create_backend
 from .broker import Broker, TenantCounts
 from .config import Settings
-from .errors import Forbidden, InvalidRequest
+from .errors import BackendUnavailable, Forbidden, InvalidRequest
 from .event import (
     BROADCAST,
     CONTROL,
@@ -35,6 +35,7 @@ from .event import (
     user_stream,
 )
 from .inbox.schema import new_notification
+from .presence import Presence, create_presence_store, new_instance_id
 from .shutdown import ShutdownSignals
 from .topics import TopicPatterns, valid_topic
 
@@ -149,7 +150,13 @@ def authorize(message: Message, principal: Principal) -> None:
 class Hub:
     """Publish to users, topics and tenants, in process or for the HTTP API."""
 
-    def __init__(self, settings: Settings | None = None, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        backend: Backend | None = None,
+        *,
+        presence: Presence | None = None,
+    ) -> None:
         self.settings = settings or Settings()
         self.backend = backend or create_backend(
             self.settings.broker_url,
@@ -157,6 +164,20 @@ class Hub:
             history_ttl=self.settings.history_ttl,
         )
         self.broker = Broker(self.backend)
+        if presence is None:
+            # Shared on the broker's server (Redis, NATS), by TIDINGS_BROKER_URL's scheme;
+            # memory:// (one process) has none. See presence.py.
+            instance = new_instance_id()
+            presence = Presence(
+                self.broker,
+                create_presence_store(
+                    self.settings.broker_url, instance, self.settings.presence_ttl
+                ),
+                instance=instance,
+                interval=self.settings.presence_interval,
+                is_running=lambda: self.running,
+            )
+        self.presence = presence
         self.public_topics = TopicPatterns(self.settings.public_topics)
         self.started_at = time.monotonic()
         self.running = False
@@ -173,6 +194,11 @@ class Hub:
         if self.inbox is not None:
             await self.inbox.start()  # refuses an out-of-date PostgreSQL schema
         await self.backend.connect(self.broker.dispatch)
+        try:
+            await self.presence.start()
+        except BaseException:
+            await self.backend.close()
+            raise
         self.running = True
         self.started_at = time.monotonic()
         self._chores = asyncio.create_task(self._run_chores(), name="tidings-chores")
@@ -194,6 +220,7 @@ class Hub:
             self._chores.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._chores
+        await self.presence.stop()  # other instances stop counting ours at once
         await self.backend.close()
 
     async def __aenter__(self) -> Hub:
@@ -353,14 +380,22 @@ class Hub:
         return [user_stream(principal.user_id), BROADCAST] + [topic_stream(t) for t in topics]
 
     # -- presence and stats ----------------------------------------------------
+    #
+    # These answer for this instance (process) alone, at once and without I/O.
+    # Across every instance of the service: `await hub.presence.users(tenant)`,
+    # `.connections(user_id, tenant)`, `.is_online(...)` and `.stats(tenant)`
+    # (presence.py), which the admin endpoints use.
 
     def is_online(self, user_id: str, tenant: str = "") -> bool:
+        """Whether the user has a connection on this instance."""
         return bool(self.broker.user_connections(tenant, user_id))
 
     def online_users(self, tenant: str = "") -> list[str]:
+        """Users with a connection on this instance."""
         return sorted(user for _, user in self.broker.users(tenant))
 
     def connection_count(self, user_id: str, tenant: str = "") -> int:
+        """The user's connections on this instance."""
         return len(self.broker.user_connections(tenant, user_id))
 
     def disconnect_user(self, user_id: str, tenant: str = "") -> int:
@@ -369,13 +404,18 @@ class Hub:
         return self.broker.close_all(CloseReason.DISCONNECTED, conns)
 
     async def disconnect(self, user_id: str, tenant: str = "") -> int:
-        """Close the user's connections on every instance; returns how many there were."""
-        count = self.connection_count(user_id, tenant)
+        """Close the user's connections on every instance; returns how many there were
+        (other instances' as of their last presence flush)."""
+        try:
+            count = await self.presence.connections(user_id, tenant)
+        except BackendUnavailable:
+            count = self.connection_count(user_id, tenant)
         await self.emit(tenant, [CONTROL_STREAM], "disconnect", {"user": user_id}, kind=CONTROL)
         return count
 
     def stats(self, tenant: str | None = None) -> dict[str, Any]:
-        """Seed S1's GetStats; `tenant` None covers every tenant."""
+        """Seed S1's GetStats for this instance; `tenant` None covers every tenant.
+        Across instances: `await hub.presence.stats(tenant)`."""
         broker = self.broker
         if tenant is None:
             counts: Any = broker.stats

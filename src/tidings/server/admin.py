@@ -1,7 +1,8 @@
 """Stats, presence, disconnect and metrics (API.md §8).
 
 API keys see every tenant (`?tenant=` picks one); an admin JWT sees only
-its own tenant. Anyone else is refused with 403.
+its own tenant. Anyone else is refused with 403. Stats and presence cover
+every live instance of the service (presence.py); /metrics is this process's.
 """
 
 from __future__ import annotations
@@ -31,20 +32,21 @@ def _tenant(request: Request, who: Principal) -> str | None:
 
 async def stats(request: Request) -> JSONResponse:
     who = await _admin(request)
-    return JSONResponse(state(request).hub.stats(_tenant(request, who)))
+    return JSONResponse(await state(request).hub.presence.stats(_tenant(request, who)))
 
 
 async def presence(request: Request) -> JSONResponse:
     who = await _admin(request)
     tenant = _tenant(request, who) or ""
-    return JSONResponse({"tenant": tenant, "users": state(request).hub.online_users(tenant)})
+    users = await state(request).hub.presence.users(tenant)
+    return JSONResponse({"tenant": tenant, "users": users})
 
 
 async def user_presence(request: Request) -> JSONResponse:
     who = await _admin(request)
     tenant = _tenant(request, who) or ""
     user_id = request.path_params["user_id"]
-    count = state(request).hub.connection_count(user_id, tenant)
+    count = await state(request).hub.presence.connections(user_id, tenant)
     return JSONResponse({"user_id": user_id, "online": count > 0, "connections": count})
 
 

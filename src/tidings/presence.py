@@ -1,0 +1,449 @@
+"""Presence and stats across instances: who is online, on how many connections.
+
+Every instance knows its own connections exactly (the broker's registry). To
+answer for the whole service, each instance also writes a summary of them to
+a shared *presence store* on the broker's server (Redis or NATS), chosen by
+the scheme of ``TIDINGS_BROKER_URL``; with ``memory://`` there is no store
+and this instance is the whole service.
+
+Writing stays off the hot path: connect and disconnect only add the stream
+key to a set (`Broker.touched`); a periodic flush (every
+``TIDINGS_PRESENCE_INTERVAL``, default 1 s) writes what changed since the last
+flush — per user and per topic, never the whole tenant — together with a
+heartbeat that keeps this instance's record alive for ``TIDINGS_PRESENCE_TTL``
+(default 10 s). On shutdown the instance removes its record at once; after a
+crash (``kill -9``) the record expires with the heartbeat and the next
+instance to flush deletes what it left behind.
+
+Reads merge the live local state of this instance with the stored records of
+every *other* live instance. Staleness bound: what happens on another instance
+shows here within one flush interval (plus a round trip); a crashed instance's
+users disappear within ``TIDINGS_PRESENCE_TTL``. This instance's own
+connections are always exact.
+
+Stats: connections, users and topics are summed (connections) or counted
+distinct (users, topics) across instances; message counters are each
+instance's own, summed (others' as of their last flush). Tenants stay walls:
+a tenant's stats and presence read only that tenant's records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from .broker import Broker, TenantCounts
+from .event import stream_key, user_stream
+
+__all__ = [
+    "Change",
+    "InstanceView",
+    "Presence",
+    "PresenceStore",
+    "Summary",
+    "TenantView",
+    "create_presence_store",
+    "decode_summary",
+    "new_instance_id",
+]
+
+log = logging.getLogger("tidings.presence")
+
+USER, TOPIC = "u", "t"
+Change = tuple[str, str, str]
+"""(tenant, kind, name): kind USER with a user id, or TOPIC with a topic name."""
+Summary = tuple[int, int, int, int]
+"""One tenant on one instance: (connections, published, delivered, dropped)."""
+
+
+def decode_summary(raw: bytes) -> Summary:
+    connections, published, delivered, dropped = orjson.loads(raw)
+    return (int(connections), int(published), int(delivered), int(dropped))
+
+
+def new_instance_id() -> str:
+    """Random, and a safe Redis key part and NATS subject token."""
+    return secrets.token_hex(6)
+
+
+@dataclass(slots=True)
+class TenantView:
+    """One tenant as one instance sees it."""
+
+    users: set[str] = field(default_factory=set)
+    topics: set[str] = field(default_factory=set)
+    connections: int = 0
+    published: int = 0
+    delivered: int = 0
+    dropped: int = 0
+
+    def summary(self, summary: Summary) -> None:
+        self.connections, self.published, self.delivered, self.dropped = summary
+
+
+@dataclass(slots=True)
+class InstanceView:
+    """One instance: its `info` (host, pid, totals…) and the tenants asked for."""
+
+    id: str
+    info: dict[str, Any] = field(default_factory=dict)
+    tenants: dict[str, TenantView] = field(default_factory=dict)
+
+
+class PresenceStore(Protocol):
+    """Where instances share their presence: one per shared broker (Redis, NATS).
+
+    Every read returns what the *other* live instances stored (not `instance`'s
+    own: the caller has its live state); an instance is live while its
+    heartbeat is younger than the TTL.
+    """
+
+    async def open(self) -> None:
+        """Connect; raises BackendUnavailable when the server does not answer."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def heartbeat(self, info: dict[str, Any]) -> bool:
+        """Keep this instance live for the TTL and store `info`; delete what crashed
+        instances left. True when this instance's record was missing (first beat,
+        or it expired and was deleted): the caller then rewrites everything."""
+        ...
+
+    async def write(
+        self, changes: dict[Change, int], summaries: dict[str, Summary], *, full: bool
+    ) -> None:
+        """Store reader counts (0 deletes) and tenant summaries; `full` replaces all."""
+        ...
+
+    async def remove(self) -> None:
+        """Delete this instance's record (a graceful stop)."""
+        ...
+
+    async def users(self, tenant: str) -> set[str]: ...
+
+    async def connections(self, tenant: str, user_id: str) -> int: ...
+
+    async def instances(self, tenant: str | None) -> list[InstanceView]:
+        """Other live instances, each with `tenant` (None: every tenant)."""
+        ...
+
+
+def create_presence_store(url: str, instance: str, ttl: float) -> PresenceStore | None:
+    """The store for a broker URL: Redis or NATS; None for ``memory://`` (one process)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss"):
+        from .backends.redis_presence import RedisPresence
+
+        return RedisPresence(url, instance, ttl)
+    if scheme == "nats":
+        from .backends.nats_presence import NatsPresence
+
+        return NatsPresence(url, instance, ttl)
+    return None
+
+
+def _kind(key: str) -> Change | None:
+    tenant, _, stream = key.partition("\x1f")
+    if stream.startswith("u:"):
+        return tenant, USER, stream[2:]
+    if stream.startswith("t:"):
+        return tenant, TOPIC, stream[2:]
+    return None
+
+
+def _summary(counts: TenantCounts) -> Summary:
+    return (counts.connections, counts.published, counts.delivered, counts.dropped)
+
+
+class Presence:
+    """This instance's presence, and through `store` every other instance's.
+
+    Without a store (``memory://``) it answers from the local broker alone.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        store: PresenceStore | None = None,
+        *,
+        instance: str | None = None,
+        interval: float = 1.0,
+        is_running: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.broker = broker
+        self.store = store
+        self.instance = instance or new_instance_id()
+        self.interval = interval
+        self.host = socket.gethostname()
+        self.started_at = time.time()
+        self._started = time.monotonic()
+        self._is_running = is_running
+        self._task: asyncio.Task[None] | None = None
+        self._sent: dict[Change, int] = {}  # reader counts as the store has them
+        self._sent_summaries: dict[str, Summary] = {}
+        self._full = True  # rewrite everything at the next flush
+        self._failing = False
+        self.flushes = 0  # successful flushes (for tests and logs)
+
+    @property
+    def shared(self) -> bool:
+        return self.store is not None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the store and register this instance (first flush), then flush
+        periodically. Raises BackendUnavailable when the store does not answer."""
+        self.started_at = time.time()
+        self._started = time.monotonic()
+        if self.store is None or self._task is not None:
+            return
+        self.broker.touched = set()
+        await self.store.open()
+        try:
+            await self.flush()
+        except BaseException:
+            await self.store.close()
+            raise
+        self._task = asyncio.create_task(self._run(), name="tidings-presence")
+
+    async def stop(self) -> None:
+        """Stop flushing and remove this instance's record (best effort)."""
+        task, self._task = self._task, None
+        if task is None or self.store is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:
+            async with asyncio.timeout(5.0):
+                await self.store.remove()
+        except Exception as exc:
+            log.warning("could not remove this instance's presence (it expires): %s", exc)
+        with contextlib.suppress(Exception):
+            await self.store.close()
+        self.broker.touched = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._full = True  # what reached the store is unknown: rewrite it all
+                if not self._failing:
+                    log.warning("presence flush failed (%s); retrying every flush", exc)
+                self._failing = True
+            else:
+                if self._failing:
+                    log.warning("presence flush works again")
+                self._failing = False
+
+    async def flush(self) -> None:
+        """Heartbeat, then write what changed since the last flush (or everything)."""
+        store = self.store
+        if store is None:
+            return
+        broker = self.broker
+        missing = await store.heartbeat(self._info())
+        touched, broker.touched = broker.touched or set(), set()
+        summaries = {t: _summary(c) for t, c in broker.tenant_counts.items()}
+        if missing or self._full:
+            counts = {}
+            for key, readers in broker.stream_readers():
+                change = _kind(key)
+                if change is not None and readers:
+                    counts[change] = readers
+            await store.write(counts, summaries, full=True)
+            self._sent = counts
+            self._sent_summaries = summaries
+            self._full = False
+        else:
+            changes: dict[Change, int] = {}
+            for key in touched:
+                change = _kind(key)
+                if change is not None:
+                    readers = broker.readers(key)
+                    if self._sent.get(change, 0) != readers:
+                        changes[change] = readers
+            changed = {t: s for t, s in summaries.items() if self._sent_summaries.get(t) != s}
+            if changes or changed:
+                await store.write(changes, changed, full=False)  # a failure: full next time
+                for change, readers in changes.items():
+                    if readers:
+                        self._sent[change] = readers
+                    else:
+                        self._sent.pop(change, None)
+                self._sent_summaries.update(changed)
+        self.flushes += 1
+
+    # -- this instance ----------------------------------------------------------------
+
+    def _info(self) -> dict[str, Any]:
+        broker = self.broker
+        users = topics = 0
+        for key, _ in broker.stream_readers():
+            stream = key.partition("\x1f")[2]
+            if stream.startswith("u:"):
+                users += 1
+            elif stream.startswith("t:"):
+                topics += 1
+        s = broker.stats
+        return {
+            "id": self.instance,
+            "host": self.host,
+            "pid": os.getpid(),
+            "started_at": round(self.started_at, 3),
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "connections": len(broker.connections),
+            "users": users,
+            "topics": topics,
+            "messages_published": s.published,
+            "messages_delivered": s.delivered,
+            "messages_dropped": s.dropped,
+        }
+
+    def _local(self, tenant: str | None) -> InstanceView:
+        view = InstanceView(self.instance, self._info())
+        wanted: Iterable[str] = self.broker.tenant_counts if tenant is None else (tenant,)
+        for name in wanted:
+            counts = self.broker.tenant_counts.get(name)
+            tv = view.tenants[name] = TenantView()
+            if counts is not None:
+                tv.summary(_summary(counts))
+        for key, readers in self.broker.stream_readers():
+            change = _kind(key)
+            if change is None or not readers:
+                continue
+            name, kind, value = change
+            if tenant is not None and name != tenant:
+                continue
+            tv = view.tenants.setdefault(name, TenantView())
+            (tv.users if kind == USER else tv.topics).add(value)
+        return view
+
+    # -- across instances ---------------------------------------------------------------
+
+    async def users(self, tenant: str = "") -> list[str]:
+        """Users with at least one connection in `tenant`, on any live instance."""
+        local = {user for _, user in self.broker.users(tenant)}
+        if self.store is not None:
+            local |= await self.store.users(tenant)
+        return sorted(local)
+
+    async def connections(self, user_id: str, tenant: str = "") -> int:
+        """The user's open connections, on every live instance."""
+        count = self.broker.readers(stream_key(tenant, user_stream(user_id)))
+        if self.store is not None:
+            count += await self.store.connections(tenant, user_id)
+        return count
+
+    async def is_online(self, user_id: str, tenant: str = "") -> bool:
+        return await self.connections(user_id, tenant) > 0
+
+    async def stats(self, tenant: str | None = None) -> dict[str, Any]:
+        """Totals across live instances, plus one row per instance (API.md §8).
+
+        `tenant` None covers every tenant (an API key without ``?tenant=``): the rows
+        then carry each instance's host and pid, and ``tenants`` has per-tenant totals.
+        """
+        views = [self._local(tenant)]
+        if self.store is not None:
+            views += await self.store.instances(tenant)
+        views.sort(key=lambda v: (v.id != self.instance, v.id))
+        rows = []
+        per_tenant: dict[str, TenantView] = {}
+        for view in views:
+            row: dict[str, Any] = {"id": view.id}
+            if tenant is None:
+                info = view.info
+                row |= {k: info.get(k, 0) for k in _INSTANCE_FIELDS}
+            else:
+                tv = view.tenants.get(tenant) or TenantView()
+                row |= _counts(tv.connections, len(tv.users), len(tv.topics), tv)
+                row["uptime_s"] = view.info.get("uptime_s", 0)
+            rows.append(row)
+            for name, tv in view.tenants.items():
+                total = per_tenant.setdefault(name, TenantView())
+                total.users |= tv.users
+                total.topics |= tv.topics
+                total.connections += tv.connections
+                total.published += tv.published
+                total.delivered += tv.delivered
+                total.dropped += tv.dropped
+        if tenant is None:
+            sums = TenantView()
+            users = topics = 0
+            for tv in per_tenant.values():
+                users += len(tv.users)
+                topics += len(tv.topics)
+                sums.connections += tv.connections
+            for view in views:
+                sums.published += int(view.info.get("messages_published", 0))
+                sums.delivered += int(view.info.get("messages_delivered", 0))
+                sums.dropped += int(view.info.get("messages_dropped", 0))
+            result = _counts(sums.connections, users, topics, sums)
+        else:
+            tv = per_tenant.get(tenant) or TenantView()
+            result = _counts(tv.connections, len(tv.users), len(tv.topics), tv)
+        result["running"] = self._is_running()
+        result["uptime_s"] = round(time.monotonic() - self._started, 3)
+        result["instance"] = self.instance
+        result["instances"] = rows
+        if tenant is None:
+            result["tenants"] = {
+                name: _counts(tv.connections, len(tv.users), len(tv.topics), tv)
+                for name, tv in sorted(per_tenant.items())
+                if tv.connections or tv.published or tv.delivered or tv.dropped
+            }
+        return result
+
+
+_INSTANCE_FIELDS = (
+    "host",
+    "pid",
+    "started_at",
+    "uptime_s",
+    "connections",
+    "users",
+    "topics",
+    "messages_published",
+    "messages_delivered",
+    "messages_dropped",
+)
+
+
+def _counts(connections: int, users: int, topics: int, tv: TenantView) -> dict[str, Any]:
+    return {
+        "connections": connections,
+        "users": users,
+        "topics": topics,
+        "messages_published": tv.published,
+        "messages_delivered": tv.delivered,
+        "messages_dropped": tv.dropped,
+    }
+
+
+def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """Lists of at most `size` items (for bounded pipelines and batches)."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
