@@ -148,6 +148,8 @@ class Settings(BaseSettings):
     shutdown_timeout: Duration = Field(10.0, ge=0)
     inbox_retention: Duration = Field(90 * 86400.0, ge=0)
     ingest_url: str | None = None
+    ingest_group: str = Field("tidings", min_length=1, max_length=64)
+    ingest_tenant: str | None = Field(None, max_length=128)
     demo: bool | None = None
     ws_ping_interval: Duration = Field(54.0, gt=0)
     ws_pong_timeout: Duration = Field(60.0, gt=0)

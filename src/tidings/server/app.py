@@ -20,6 +20,7 @@ from ..config import Settings
 from ..errors import InvalidRequest, NotFound, TidingsError
 from ..hub import Hub
 from ..inbox import InboxService
+from ..ingest import Ingest
 from ..metrics import Metrics
 from ..ratelimit import RateLimiter
 from . import admin, inbox, openapi, ops, publish, web
@@ -64,6 +65,8 @@ def create_app(
     routes += web.routes + openapi.routes  # /tidings.js, /demo, /admin; /openapi.json, /docs
     if settings.metrics_port is None:
         routes.append(admin.metrics_route)
+    # TIDINGS_INGEST_URL: publish requests read from NATS or a Redis stream (ingest/).
+    ingest = Ingest.from_settings(settings, hub, state.metrics.registry)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -71,9 +74,13 @@ def create_app(
             # A separate listener keeps /metrics off the public port.
             start_http_server(settings.metrics_port, settings.host, registry=state.metrics.registry)
         await hub.start()  # and its inbox: migrates SQLite, refuses an old PostgreSQL schema
+        if ingest is not None:
+            await ingest.start()  # in the background: a bus that is down is retried, not fatal
         try:
             yield
         finally:
+            if ingest is not None:
+                await ingest.stop()  # before the hub: the message in hand is published first
             await hub.stop()
 
     middleware = []

@@ -1,0 +1,383 @@
+"""Ingest from an event bus: publish requests read from NATS or a Redis stream.
+
+Business services put messages on a bus instead of calling the publish API;
+`TIDINGS_INGEST_URL` names where (docs/scaling.md, "Ingest from an event bus"):
+
+- ``nats://host:4222/<subject>`` — a JetStream durable pull consumer (at least
+  once; a stream capturing the subject is created if none does), or with
+  ``?mode=core`` a plain queue subscription (at most once);
+- ``redis://host:6379/0?stream=<name>`` — a consumer group on a Redis stream
+  (at least once), the message's JSON in the entry's ``body`` field.
+
+Each message is one of the API's request bodies, told apart by shape:
+``{"messages": [...]}`` is a batch (``POST /api/v1/publish/batch``),
+``{"recipients": [...], ...}`` an inbox notification (``POST
+/api/v1/notifications``), anything else a single publish (``POST
+/api/v1/publish``). They go through the same validation and authorisation
+as over HTTP, as the API-key identity — or, with `TIDINGS_INGEST_TENANT`, as
+a publisher confined to that one tenant.
+
+Guarantees (at-least-once sources): a message is acknowledged only once it
+was published or rejected for good. When the broker or the inbox database
+is unavailable (the HTTP API's 503) it is retried in place with backoff and
+never acknowledged meanwhile, so nothing is lost; a redelivery publishes
+nothing twice, because every message carries an idempotency key — its own
+``idempotency_key``, else the NATS ``Nats-Msg-Id`` header, else one made from
+its position on the bus. A malformed message is logged with the reason,
+counted in ``tidings_ingest_messages_total{outcome=...}`` and acknowledged:
+never fatal, never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from ..auth import Principal
+from ..errors import (
+    BackendUnavailable,
+    Forbidden,
+    InvalidRequest,
+    OverCapacity,
+    TidingsError,
+)
+from ..hub import Hub, Message, authorize, parse_message
+from ..inbox.schema import NewNotification, parse_new
+from .url import create_source
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = ["Ingest", "Source", "create_source"]
+
+log = logging.getLogger("tidings.ingest")
+
+MAX_BATCH = 1000  # messages in one batch, as `POST /api/v1/publish/batch`
+MAX_KEY = 200  # characters of an idempotency key
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # seconds between attempts, doubling, jittered
+STOP_GRACE = 5.0  # seconds `stop()` lets the message in hand finish
+OUTCOMES = ("published", "malformed", "too_large", "invalid", "forbidden", "failed")
+
+Publish = Callable[[], Awaitable[Any]]
+
+
+class Source(Protocol):
+    """One bus: `run` connects, reads and hands each message to `Ingest.handle` until
+    stopped (it returns) or broken (it raises; `Ingest` reconnects with backoff)."""
+
+    where: str
+
+    async def run(self, ingest: Ingest) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Rejected(Exception):
+    def __init__(self, outcome: str, reason: str) -> None:
+        super().__init__(reason)
+        self.outcome = outcome
+        self.reason = reason
+
+
+class Backoff:
+    """Jittered exponential delays: 0.1 s doubling up to 5 s; `reset` after a success."""
+
+    def __init__(self) -> None:
+        self.attempt = 0
+
+    def next(self) -> float:
+        delay: float = min(BACKOFF_MAX, BACKOFF_MIN * 2.0**self.attempt)
+        self.attempt = min(self.attempt + 1, 16)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Ingest:
+    """Reads one bus and publishes what it reads through the hub.
+
+    Args:
+        hub: where messages go (its inbox for notifications).
+        source: the bus (see `create_source`).
+        registry: where the ``tidings_ingest_*`` metrics live.
+        tenant: None: messages name any tenant (as an API key); a tenant: they may
+            name only that one (as a user token with ``publish: true`` there).
+        max_payload: bytes a message may have (TIDINGS_MAX_PAYLOAD).
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        source: Source,
+        *,
+        registry: CollectorRegistry | None = None,
+        tenant: str | None = None,
+        max_payload: int = 65536,
+    ) -> None:
+        self.hub = hub
+        self.source = source
+        self.tenant = tenant
+        self.max_payload = max_payload
+        self.principal = (
+            Principal.server()
+            if tenant is None
+            else Principal(user_id="$ingest", tenant=tenant, publish=True)
+        )
+        self.messages = Counter(
+            "tidings_ingest_messages",
+            "Messages read from the ingest bus, by outcome (published, or why rejected).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in OUTCOMES:
+            self.messages.labels(outcome)
+        self.retries = Counter(
+            "tidings_ingest_retries",
+            "Ingest publishes refused as unavailable (broker or database) and retried.",
+            registry=registry,
+        )
+        self.connected = Gauge(
+            "tidings_ingest_connected",
+            "1 while the ingest consumer is connected to its bus.",
+            registry=registry,
+        )
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._reading = False
+        self._backoff = Backoff()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, hub: Hub, registry: CollectorRegistry | None = None
+    ) -> Ingest | None:
+        """The ingest TIDINGS_INGEST_URL asks for, or None when it is unset.
+
+        Raises ConfigError for a URL it cannot use.
+        """
+        if not settings.ingest_url:
+            return None
+        source = create_source(settings.ingest_url, group=settings.ingest_group)
+        return cls(
+            hub,
+            source,
+            registry=registry,
+            tenant=settings.ingest_tenant,
+            max_payload=settings.max_payload,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start consuming in the background; connection failures are retried, never raised."""
+        if self._task is None:
+            self.stopping = False
+            self._stop.clear()
+            self._task = asyncio.create_task(self._run(), name="tidings-ingest")
+
+    async def stop(self) -> None:
+        """Finish the message in hand (up to 5 s), leave the rest on the bus, disconnect."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self.stopping = True
+        self._stop.set()
+        if self._reading:
+            task.cancel()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), STOP_GRACE)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self.connected.set(0)
+
+    async def _run(self) -> None:
+        while not self.stopping:
+            try:
+                await self.source.run(self)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the bus is down, or refused our set-up: try again
+                if not self.stopping:
+                    delay = self._backoff.next()
+                    log.warning(
+                        "ingest from %s failed (%s: %s); reconnecting in %.1f s",
+                        self.source.where,
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                        exc_info=log.isEnabledFor(logging.DEBUG),
+                    )
+                    await self.pause(delay)
+            finally:
+                self.connected.set(0)
+                with contextlib.suppress(Exception):
+                    await self.source.close()
+
+    def up(self) -> None:
+        """The source is connected and set up."""
+        self._backoff.reset()
+        self.connected.set(1)
+        log.info("ingesting from %s", self.source.where)
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep, but wake up at once when stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[bool]:
+        """Around a wait for the bus: `stop()` may cancel it. Yields False when stopping."""
+        if self.stopping:
+            yield False
+            return
+        self._reading = True
+        try:
+            yield True
+        finally:
+            self._reading = False
+
+    # -- one message ----------------------------------------------------------------------
+
+    async def handle(
+        self, body: bytes | None, key: str | None, keepalive: Publish | None = None
+    ) -> bool:
+        """Publish one bus message. True: done with it (published, or rejected for good) —
+        acknowledge it. False: not published, because we are stopping while the broker is
+        unavailable — leave it for a redelivery.
+
+        `key` is the transport's idempotency key (Nats-Msg-Id, or the position on the bus);
+        `keepalive` tells the bus we still hold the message while we wait to retry.
+        """
+        try:
+            publish = self.prepare(body, key)
+        except Rejected as exc:
+            self.messages.labels(exc.outcome).inc()
+            log.warning("ingest: rejected a message (%s, key %s): %s", exc.outcome, key, exc)
+            return True
+        backoff = Backoff()
+        while True:
+            try:
+                await publish()
+            except (BackendUnavailable, OverCapacity) as exc:
+                self.retries.inc()
+                if self.stopping:
+                    return False
+                delay = backoff.next()
+                log.warning("ingest: %s; retrying message %s in %.1f s", exc, key, delay)
+                if keepalive is not None:
+                    with contextlib.suppress(Exception):
+                        await keepalive()
+                await self.pause(delay)
+                if self.stopping:
+                    return False
+                continue
+            except (InvalidRequest, Forbidden) as exc:  # e.g. an inbox-less hub
+                return self._rejected("invalid" if exc.status == 400 else "forbidden", exc, key)
+            except Exception as exc:  # a bug: do not stall the bus on it
+                log.exception("ingest: message %s failed", key)
+                return self._rejected("failed", exc, key)
+            self.messages.labels("published").inc()
+            return True
+
+    def _rejected(self, outcome: str, exc: Exception, key: str | None) -> bool:
+        self.messages.labels(outcome).inc()
+        log.warning("ingest: rejected a message (%s, key %s): %s", outcome, key, exc)
+        return True
+
+    def prepare(self, body: bytes | None, key: str | None) -> Publish:
+        """Validate and authorise a message; returns what publishes it. Raises Rejected."""
+        if body is None:
+            raise Rejected("malformed", "the entry has no `body` field")
+        if len(body) > self.max_payload:
+            raise Rejected(
+                "too_large", f"{len(body)} bytes is over {self.max_payload} (TIDINGS_MAX_PAYLOAD)"
+            )
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise Rejected("malformed", f"malformed JSON: {exc}") from None
+        try:
+            return self._prepare(doc, key)
+        except InvalidRequest as exc:
+            raise Rejected("invalid", exc.message) from None
+        except Forbidden as exc:
+            raise Rejected("forbidden", exc.message) from None
+
+    def _prepare(self, doc: Any, key: str | None) -> Publish:
+        if not isinstance(doc, dict):
+            raise InvalidRequest("a message must be a JSON object")
+        targets = [k for k in ("users", "topics", "broadcast") if k in doc]
+        if "messages" in doc:
+            if targets or "recipients" in doc:
+                raise InvalidRequest("a batch (`messages`) names no targets of its own")
+            return self._batch(doc["messages"], key)
+        if "recipients" in doc:
+            if targets:
+                raise InvalidRequest(
+                    "`recipients` (a notification) cannot be combined with "
+                    "`users`, `topics` or `broadcast` (a publish)"
+                )
+            return self._notification(doc, key)
+        message = self._message(doc, key)
+        return lambda: self.hub.publish_message(message)
+
+    def _message(self, body: Any, key: str | None) -> Message:
+        message = parse_message(body, tenant=self.tenant)
+        authorize(message, self.principal)
+        if message.idempotency_key is None and key is not None:
+            message = replace(message, idempotency_key=key)
+        return message
+
+    def _batch(self, items: Any, key: str | None) -> Publish:
+        if not isinstance(items, list) or not items:
+            raise InvalidRequest("`messages` must be a non-empty list")
+        if len(items) > MAX_BATCH:
+            raise InvalidRequest(f"a batch holds at most {MAX_BATCH} messages")
+        messages = []
+        for index, item in enumerate(items):  # all valid and allowed, or nothing is published
+            try:
+                messages.append(self._message(item, None if key is None else f"{key}/{index}"))
+            except TidingsError as exc:
+                raise type(exc)(f"messages[{index}]: {exc.message}") from None
+
+        async def publish() -> None:
+            for message in messages:  # a retry skips those already out (idempotency keys)
+                await self.hub.publish_message(message)
+
+        return publish
+
+    def _notification(self, doc: dict[str, Any], key: str | None) -> Publish:
+        new: NewNotification = parse_new(doc, tenant=self.tenant or "")
+        if self.tenant is not None and new.tenant != self.tenant:
+            raise Forbidden(f"this ingest publishes only in tenant {self.tenant!r}")
+        if new.idempotency_key is None and key is not None:
+            new = replace(new, idempotency_key=key)
+        inbox = self.hub.inbox
+        if inbox is None:
+            raise InvalidRequest("this server keeps no inbox")
+        return lambda: inbox.notify(new)
+
+
+def bus_key(*parts: str) -> str:
+    """An idempotency key from a message's position on the bus, at most 200 characters."""
+    key = "$bus:" + ":".join(parts)
+    if len(key) > MAX_KEY:
+        key = "$bus:" + hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
+    return key
+
+
+def header_key(value: str) -> str:
+    """A publisher's own id (Nats-Msg-Id) as an idempotency key: kept when it fits."""
+    if 0 < len(value) <= MAX_KEY:
+        return value
+    return "$id:" + hashlib.blake2b(value.encode(), digest_size=20).hexdigest()

@@ -1,0 +1,546 @@
+"""Ingest from an event bus (TIDINGS_INGEST_URL) against real NATS and Redis, no mocks.
+
+Real `tidings serve` processes read a NATS subject (JetStream, or core with
+``?mode=core``) or a Redis stream; the test publishes on the bus as a business
+service would and watches what reaches SSE subscribers, the inbox and /metrics.
+Each test uses its own subjects, JetStream stream, Redis stream and key prefix,
+and deletes them at the end. Synchronisation is on events (an SSE event, a
+metric reaching a value); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from nats.js.errors import NotFoundError
+
+from server import StartServer, TidingsServer, free_port
+from sse_client import WAIT, Api, SSEClient, expect_marker, sse_stream
+from tidings.config import Settings
+from tidings.errors import ConfigError
+from tidings.hub import Hub, parse_message
+from tidings.ingest import Ingest, create_source
+
+pytestmark = pytest.mark.integration
+
+NATS_URL = "nats://127.0.0.1:4222"
+REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 12
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+SLOW = 30.0  # bound on a wait that spans a reconnect with backoff
+
+
+def reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str, within: float = WAIT) -> None:
+    """Poll `condition` (bounded): a failure guard, not a way to let time pass."""
+    deadline = time.monotonic() + within
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def metric(server: TidingsServer, name: str, **labels: str) -> float:
+    """One sample of /metrics (0 when absent)."""
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        text = (await http.get(server.url + "/metrics")).text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name + (f"{{{want}}}" if want else "")) + r" ([0-9.e+-]+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found[1]) if found else 0.0
+
+
+async def ingested(server: TidingsServer, outcome: str = "published") -> float:
+    return await metric(server, "tidings_ingest_messages_total", outcome=outcome)
+
+
+async def connected(server: TidingsServer) -> None:
+    async def up() -> bool:
+        return await metric(server, "tidings_ingest_connected") == 1.0
+
+    await until(up, f"ingest to connect:\n{server.log()}", within=SLOW)
+
+
+# -- the buses ---------------------------------------------------------------------------
+
+
+class Bus:
+    """Where a business service publishes; `url` is the TIDINGS_INGEST_URL that reads it."""
+
+    async def send(self, body: bytes | dict[str, Any], **kw: Any) -> None:
+        raise NotImplementedError
+
+    async def drained(self) -> bool:
+        """Every message was acknowledged."""
+        raise NotImplementedError
+
+
+@dataclass
+class NatsBus(Bus):
+    nc: Any
+    subject: str
+    stream: str
+    core: bool = False
+
+    @property
+    def url(self) -> str:
+        mode = "mode=core" if self.core else f"stream={self.stream}"
+        return f"{NATS_URL}/{self.subject}.>?{mode}"
+
+    async def send(self, body: bytes | dict[str, Any], **kw: Any) -> None:
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        subject = f"{self.subject}.{kw.pop('suffix', 'events')}"
+        if self.core:
+            await self.nc.publish(subject, data, **kw)
+            await self.nc.flush()
+        else:  # stored once the PubAck is back
+            await self.nc.jetstream().publish(subject, data, stream=self.stream, **kw)
+
+    async def drained(self) -> bool:
+        if self.core:
+            return True
+        info = await self.nc.jetstream().consumer_info(self.stream, "tidings")
+        return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
+@dataclass
+class RedisBus(Bus):
+    r: aioredis.Redis
+    stream: str
+    claim_idle: str = "60s"
+
+    @property
+    def url(self) -> str:
+        return f"{REDIS_URL}?stream={self.stream}&claim_idle={self.claim_idle}"
+
+    async def send(self, body: bytes | dict[str, Any], **kw: Any) -> None:
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        await self.r.xadd(self.stream, kw.get("fields") or {"body": data})
+
+    async def drained(self) -> bool:
+        pending = await self.r.xpending(self.stream, "tidings")
+        lag = (await self.r.xinfo_groups(self.stream))[0].get("lag")
+        return bool(pending["pending"] == 0 and lag == 0)
+
+
+@pytest.fixture
+async def nats_bus() -> AsyncIterator[NatsBus]:
+    if not reachable(4222):
+        pytest.skip("NATS is not reachable on 127.0.0.1:4222")
+    nc = await nats.connect(NATS_URL)
+    tag = secrets.token_hex(5)
+    bus = NatsBus(nc, f"tt{tag}", f"TT_INGEST_{tag.upper()}")
+    yield bus
+    with contextlib.suppress(NotFoundError):
+        await nc.jetstream().delete_stream(bus.stream)
+    await nc.close()
+
+
+@pytest.fixture
+async def nats_core_bus(nats_bus: NatsBus) -> NatsBus:
+    nats_bus.core = True
+    return nats_bus
+
+
+@pytest.fixture
+async def redis_bus() -> AsyncIterator[RedisBus]:
+    if not reachable(REDIS_PORT):
+        pytest.skip(f"Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}")
+    r = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
+    bus = RedisBus(r, "tt-ingest-" + secrets.token_hex(5))
+    yield bus
+    await r.delete(bus.stream)
+    await r.aclose()
+
+
+@pytest.fixture(params=["nats", "nats-core", "redis"])
+def bus(request: pytest.FixtureRequest) -> Bus:
+    name = {"nats": "nats_bus", "nats-core": "nats_core_bus", "redis": "redis_bus"}
+    found: Bus = request.getfixturevalue(name[request.param])
+    return found
+
+
+@pytest.fixture
+def shared_broker() -> Iterator[str]:
+    """A Redis broker URL (fresh key prefix) for several instances."""
+    if not reachable(REDIS_PORT):
+        pytest.skip(f"Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}")
+    prefix = "tt" + secrets.token_hex(5)
+    yield f"{REDIS_URL}?prefix={prefix}"
+    import redis
+
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
+    keys = list(client.scan_iter(match=prefix + ":*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+async def data_of(stream: SSEClient, count: int, within: float = WAIT) -> list[Any]:
+    """The data of the next `count` events (a string payload comes as it is, API.md §4)."""
+    found = []
+    for _ in range(count):
+        data = (await stream.next_event(within=within)).data
+        try:
+            found.append(orjson.loads(data))
+        except orjson.JSONDecodeError:
+            found.append(data)
+    return found
+
+
+# -- delivery ----------------------------------------------------------------------------
+
+
+async def test_bus_message_reaches_sse_subscriber(start_server: StartServer, bus: Bus) -> None:
+    """A message on the bus, in the publish API's shape, reaches the user, Chinese intact;
+    a batch too, and tenants stay walls."""
+    server = start_server(TIDINGS_INGEST_URL=bus.url)
+    await connected(server)
+    token = server.token("alice", topics=["approval:*"])
+    async with (
+        Api(server.url, server.api_key) as api,
+        sse_stream(server.url, token=token, params={"topics": "approval:pending"}) as stream,
+    ):
+        await stream.next_event("welcome")
+        wages = {"title": "工资已发放", "amount": 8650}
+        await bus.send({"users": ["alice"], "event": "wages_paid", "data": wages})
+        event = await stream.next_event()
+        assert (event.event, orjson.loads(event.data)) == ("wages_paid", wages)
+        assert event.id
+
+        await bus.send({"tenant": "acme", "users": ["alice"], "data": "另一个租户"})
+        await bus.send(
+            {
+                "messages": [
+                    {"topics": ["approval:pending"], "data": {"记录": 42}},
+                    {"broadcast": True, "data": "系统维护 22:00"},
+                ]
+            }
+        )
+        assert await data_of(stream, 2) == [{"记录": 42}, "系统维护 22:00"]
+        await expect_marker(stream, api, users=["alice"])  # acme's message never came
+    assert await ingested(server) == 3
+
+
+@pytest.mark.parametrize("bus", ["nats", "nats-core"], indirect=True)
+async def test_a_retried_message_is_published_once(start_server: StartServer, bus: Bus) -> None:
+    """The same Nats-Msg-Id twice (a publisher's retry), or the same `idempotency_key`,
+    is delivered once. (On JetStream its own duplicate window catches the first case
+    too; core NATS shows that tidings does.)"""
+    assert isinstance(bus, NatsBus)
+    server = start_server(TIDINGS_INGEST_URL=bus.url)
+    await connected(server)
+    async with (
+        Api(server.url, server.api_key) as api,
+        sse_stream(server.url, token=server.token("bob")) as stream,
+    ):
+        await stream.next_event("welcome")
+        for _ in range(2):
+            await bus.send({"users": ["bob"], "data": "一次"}, headers={"Nats-Msg-Id": "order-7"})
+        keyed = {"users": ["bob"], "data": "也一次", "idempotency_key": "k1"}
+        await bus.send(keyed)
+        await bus.send(keyed)
+        await bus.send({"users": ["bob"], "data": "last"})
+        assert await data_of(stream, 3) == ["一次", "也一次", "last"]
+        await expect_marker(stream, api, users=["bob"])
+
+
+async def test_the_same_bus_position_publishes_once() -> None:
+    """A redelivery (same transport key: the message's position on the bus) publishes
+    nothing twice; a batch retried after a partial failure publishes only the rest."""
+    hub = Hub(Settings())
+    ingest = Ingest(hub, create_source(f"{REDIS_URL}?stream=unused"), registry=None)
+    async with hub:
+        body = orjson.dumps({"users": ["ivy"], "data": 1})
+        for _ in range(2):
+            assert await ingest.handle(body, "$bus:redis:s:1-0")
+        assert hub.stats()["messages_published"] == 1
+        assert await ingest.handle(body, "$bus:redis:s:2-0")
+        assert hub.stats()["messages_published"] == 2
+        items = [{"users": ["ivy"], "data": i} for i in range(3)]
+        await hub.publish_message(parse_message({**items[0], "idempotency_key": "$bus:b/0"}))
+        assert await ingest.handle(orjson.dumps({"messages": items}), "$bus:b")
+        assert hub.stats()["messages_published"] == 5  # 2 + the first + the 2 not yet out
+
+
+# -- malformed messages ------------------------------------------------------------------
+
+
+async def test_malformed_messages_are_counted_and_ingest_goes_on(
+    start_server: StartServer, bus: Bus
+) -> None:
+    server = start_server(TIDINGS_INGEST_URL=bus.url, TIDINGS_MAX_PAYLOAD="2000")
+    await connected(server)
+    async with sse_stream(server.url, token=server.token("carol")) as stream:
+        await stream.next_event("welcome")
+        malformed: list[bytes | dict[str, Any]] = [b"{not json", "半个".encode()[:4]]
+        invalid: list[bytes | dict[str, Any]] = [
+            b"[1, 2]",
+            {"data": "no target"},
+            {"topics": ["$reserved"], "data": 1},
+            {"users": ["carol"], "event": "welcome"},
+            {"users": ["carol"], "broadcast": "yes"},
+            {"messages": []},
+            {"messages": [{"users": ["carol"]}, {"data": "no target"}]},
+            {"recipients": ["carol"], "type": "x"},  # no title
+            {"recipients": ["carol"], "users": ["carol"], "type": "x", "title": "t"},
+        ]
+        for body in [*malformed, *invalid, b'{"users": ["carol"], "data": "' + b"x" * 2000]:
+            await bus.send(body)
+        if isinstance(bus, RedisBus):
+            await bus.send(b"", fields={"payload": b"{}"})  # no `body` field
+        await bus.send({"users": ["carol"], "data": "still here"})
+        assert await data_of(stream, 1) == ["still here"]
+    expected = len(malformed) + isinstance(bus, RedisBus)
+    assert await ingested(server, "malformed") == expected
+    assert await ingested(server, "invalid") == len(invalid)
+    assert await ingested(server, "too_large") == 1
+    assert await ingested(server) == 1
+    assert "rejected a message (invalid" in server.log()
+
+
+async def test_ingest_confined_to_a_tenant(start_server: StartServer, redis_bus: RedisBus) -> None:
+    """TIDINGS_INGEST_TENANT: messages land in that tenant; naming another is forbidden."""
+    server = start_server(TIDINGS_INGEST_URL=redis_bus.url, TIDINGS_INGEST_TENANT="acme")
+    await connected(server)
+    async with sse_stream(server.url, token=server.token("dan", tenant="acme")) as stream:
+        await stream.next_event("welcome")
+        await redis_bus.send({"tenant": "other", "users": ["dan"], "data": "no"})
+        await redis_bus.send({"recipients": ["dan"], "tenant": "other", "type": "t", "title": "no"})
+        await redis_bus.send({"users": ["dan"], "data": "acme by default"})
+        assert await data_of(stream, 1) == ["acme by default"]
+    assert await ingested(server, "forbidden") == 2
+
+
+# -- the inbox ---------------------------------------------------------------------------
+
+
+async def test_notification_via_ingest_lands_in_the_inbox(
+    start_server: StartServer, bus: Bus
+) -> None:
+    server = start_server(TIDINGS_INGEST_URL=bus.url)
+    await connected(server)
+    token = server.token("erin")
+    async with sse_stream(server.url, token=token) as stream:
+        await stream.next_event("welcome")
+        await bus.send(
+            {
+                "recipients": ["erin"],
+                "type": "payroll_received",
+                "title": "工资已发放",
+                "content": "本月工资 8650 元",
+                "priority": "high",
+                "sender": {"id": "hr", "username": "人事部", "avatar": None},
+                "data": {"amount": 8650},
+            }
+        )
+        pushed = orjson.loads((await stream.next_event()).data)
+    assert pushed["title"] == "工资已发放"
+    assert pushed["sender"]["username"] == "人事部"
+    assert pushed["unread_count"] == 1
+    async with Api(server.url, server.api_key) as api:
+        inbox = (await api.get("/api/v1/notifications", token=token)).json()
+    assert [n["id"] for n in inbox["items"]] == [pushed["id"]]
+    assert inbox["items"][0]["content"] == "本月工资 8650 元"
+    assert inbox["unread_count"] == 1
+
+
+# -- several instances -------------------------------------------------------------------
+
+
+async def test_two_instances_deliver_each_message_once(
+    start_server: StartServer, bus: Bus, shared_broker: str
+) -> None:
+    """Two instances on one ingest URL share the messages: each is published once."""
+    env = {
+        "TIDINGS_INGEST_URL": bus.url,
+        "TIDINGS_BROKER_URL": shared_broker,
+        "TIDINGS_JWT_SECRET": secrets.token_urlsafe(48),
+        "TIDINGS_API_KEYS": "cluster-" + secrets.token_urlsafe(16),
+    }
+    a, b = start_server(**env), start_server(**env)
+    await connected(a)
+    await connected(b)
+    count = 60
+    async with (
+        Api(b.url, b.api_key) as api,
+        sse_stream(a.url, token=a.token("fay")) as stream,
+    ):
+        await stream.next_event("welcome")
+        for i in range(count):
+            await bus.send({"users": ["fay"], "data": i})
+        seen: list[int] = []
+        for _ in range(count):
+            [value] = await data_of(stream, 1)
+            assert value not in seen, f"{value} twice"
+            seen.append(value)
+        assert sorted(seen) == list(range(count))
+
+        async def all_done() -> bool:
+            done = await ingested(a) + await ingested(b)
+            return done >= count and await bus.drained()
+
+        await until(all_done, "both instances to finish")
+        await expect_marker(stream, api, users=["fay"])  # nothing published twice before it
+        assert await ingested(a) + await ingested(b) == count
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+class OwnRedis:
+    """A redis-server this test starts, stops and restarts with its data (a broker to break)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0?prefix=tt"
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        self.proc = subprocess.Popen(
+            ["redis-server", *args, "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop_with_its_data(self) -> None:
+        subprocess.run(
+            ["redis-cli", "-p", str(self.port), "shutdown", "save"], capture_output=True, timeout=10
+        )
+        if self.proc is not None:
+            self.proc.wait(15)
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(15)
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path / "broker-redis")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.mark.parametrize("bus", ["nats", "redis"], indirect=True)
+async def test_message_arriving_while_the_broker_is_down_is_not_lost(
+    start_server: StartServer, bus: Bus, own_redis: OwnRedis
+) -> None:
+    """tidings' broker is down: the message is not acknowledged but retried, and goes
+    out once the broker is back — to the stream that stayed open."""
+    await until(lambda: asyncio.to_thread(reachable, own_redis.port), "redis-server to listen")
+    server = start_server(TIDINGS_INGEST_URL=bus.url, TIDINGS_BROKER_URL=own_redis.url)
+    await connected(server)
+    async with sse_stream(server.url, token=server.token("gus")) as stream:
+        await stream.next_event("welcome")
+        await bus.send({"users": ["gus"], "data": "before"})
+        assert await data_of(stream, 1) == ["before"]
+        await asyncio.to_thread(own_redis.stop_with_its_data)
+        try:
+            await bus.send({"users": ["gus"], "data": "while down"})
+
+            async def refused() -> bool:
+                return await metric(server, "tidings_ingest_retries_total") >= 1
+
+            await until(refused, "the broker to refuse the ingest publish")
+            assert not await bus.drained()  # held, not acknowledged
+        finally:
+            await asyncio.to_thread(own_redis.start)
+        assert await data_of(stream, 1, within=SLOW) == ["while down"]
+        await until(bus.drained, "the message to be acknowledged")
+    assert await ingested(server) == 2
+    assert not [e for e in stream.events if e.event == "reset"]
+
+
+async def test_redis_entries_of_a_dead_consumer_are_claimed(
+    start_server: StartServer, redis_bus: RedisBus
+) -> None:
+    """An entry read by a consumer that died before acknowledging it is claimed and
+    published by a live instance."""
+    r = redis_bus.r
+    await r.xgroup_create(redis_bus.stream, "tidings", id="0", mkstream=True)
+    note = {"recipients": ["hal"], "type": "t", "title": "认领"}
+    await redis_bus.send(note)
+    taken = await r.xreadgroup("tidings", "dead-instance", {redis_bus.stream: ">"}, count=1)
+    assert len(taken[0][1]) == 1  # pending at a consumer that will never acknowledge it
+    redis_bus.claim_idle = "0s"
+    server = start_server(TIDINGS_INGEST_URL=redis_bus.url)
+    token = server.token("hal")
+    async with Api(server.url, server.api_key) as api:
+
+        async def in_inbox() -> bool:
+            answer = await api.get("/api/v1/notifications/unread-count", token=token)
+            return bool(answer.json()["unread_count"] == 1)
+
+        await until(in_inbox, "the claimed notification", within=SLOW)
+        await until(redis_bus.drained, "the claimed entry to be acknowledged")
+        items = (await api.get("/api/v1/notifications", token=token)).json()["items"]
+    assert [n["title"] for n in items] == ["认领"]
+
+
+async def test_ingest_survives_a_bus_that_is_down_at_start(
+    start_server: StartServer, redis_bus: RedisBus
+) -> None:
+    """A bus that does not answer is retried in the background; the server serves."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0?stream={redis_bus.stream}"
+    server = start_server(TIDINGS_INGEST_URL=url)
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        assert (await http.get(server.url + "/readyz")).status_code == 200
+    assert await metric(server, "tidings_ingest_connected") == 0.0
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("nats://127.0.0.1:4222", "must name a NATS subject"),
+        ("nats://127.0.0.1:4222/a.b?mode=fast", "?mode= must be jetstream or core"),
+        ("nats://127.0.0.1:4222/a.b?group=x", "unknown option ?group="),
+        ("redis://127.0.0.1:6379/0", "must name a Redis stream"),
+        ("redis://127.0.0.1:6379/0?stream=s&claim_idle=soon", "?claim_idle= must be a duration"),
+        ("kafka://127.0.0.1:9092/t", "must be nats://host:4222/<subject> or redis://"),
+    ],
+)
+def test_bad_ingest_urls_are_refused(url: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        create_source(url)
+
+
+def test_serve_refuses_a_bad_ingest_url(tmp_path: Path) -> None:
+    server = TidingsServer(tmp_path, {"TIDINGS_INGEST_URL": "redis://127.0.0.1:6379/0"})
+    with pytest.raises(RuntimeError, match="TIDINGS_INGEST_URL must name a Redis stream"):
+        server.start()
