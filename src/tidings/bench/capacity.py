@@ -80,7 +80,7 @@ class Child:
 
 async def run(ctx: Context) -> Result:
     args, target, topic = ctx.args, ctx.target, ctx.new_topic()
-    share = per_process()
+    share = min(ctx.args.per_process or per_process(), per_process())
     window = Window(ctx.tree)
     children: list[Child] = []
     try:

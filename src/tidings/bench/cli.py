@@ -114,6 +114,11 @@ def add_parser(commands: Any) -> None:
     )
     d.add_argument("--retries", type=int, default=2, help="re-subscribe attempts after a failure")
     d.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to subscribe")
+    d.add_argument(
+        "--per-process",
+        type=int,
+        help="capacity: connections per harness process (default: the open-file cap less spare)",
+    )
     p.add_argument("--max-seconds", type=float, default=900.0, help="bound on each run")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.set_defaults(command=run)
@@ -160,6 +165,8 @@ def _check(args: argparse.Namespace, spec: Spec) -> None:
         args.n = spec.default_n
     if args.n < 0 or (args.n == 0 and spec.name != "publish"):
         raise BenchError("-n must be at least 1 (publish: at least 0)")
+    if args.per_process is not None and args.per_process < 1:
+        raise BenchError("--per-process must be at least 1")
     if args.messages < 1 or args.publishers < 1 or args.concurrency < 1 or args.servers < 1:
         raise BenchError("--messages, --publishers, --concurrency and --servers must be >= 1")
     if min(args.interval, args.grace, args.hold, args.duration, args.settle) < 0:
