@@ -23,12 +23,15 @@ A refused handshake (HTTP 403 Origin, 429 …) raises the error its answer names
 
 Keep-alive: the server pings (protocol pings, API.md §5) and `websockets` answers;
 this side pings too, every `PING_INTERVAL` s, and a pong missing for `PING_TIMEOUT` s
-closes the connection (1011), which the subscriber retries like any drop.
+closes the connection (1011), which the subscriber retries like any drop. (A consumer
+that stops reading stops the socket being read, so that can happen to it too: the
+reconnect resumes, as after the server drops a slow consumer.)
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -128,8 +131,9 @@ class WSTransport:
         except InvalidStatus as exc:  # the handshake was refused with an HTTP answer
             raise _refusal(exc.response) from None
         try:
-            async for item in self._read(socket):
-                yield item
+            async with aclosing(self._read(socket)) as items:
+                async for item in items:
+                    yield item
         finally:
             await socket.close()
 
