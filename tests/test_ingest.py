@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import re
 import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -41,6 +43,7 @@ pytestmark = pytest.mark.integration
 NATS_URL = "nats://127.0.0.1:4222"
 REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 12
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 SLOW = 30.0  # bound on a wait that spans a reconnect with backoff
 
 
@@ -453,6 +456,93 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server.kill()
 
 
+class OwnNats:
+    """A `nats-server -js` this test starts, stops and restarts (same port and store)."""
+
+    def __init__(self, store: Path) -> None:
+        self.port = free_port()
+        self.store = store
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = ["-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)]
+        self.proc = subprocess.Popen(
+            [NATS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def stop_with_its_data(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(15)
+            self.proc = None
+
+    kill = stop_with_its_data
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[OwnNats]:
+    if not Path(NATS_SERVER).exists():
+        pytest.skip("nats-server is not installed")
+    server = OwnNats(tmp_path / "bus-nats")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.mark.parametrize("kind", ["nats", "redis"])
+async def test_ingest_reconnects_when_the_bus_restarts(
+    start_server: StartServer, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The bus stops and comes back (with its data): ingest notices, reconnects with
+    backoff, and reads on; the server serves throughout."""
+    own: OwnNats | OwnRedis
+    if kind == "nats":
+        own = request.getfixturevalue("own_nats")
+        url = f"{own.url}/biz.>?stream=BIZ"
+    else:
+        own = OwnRedis(tmp_path / "bus-redis")
+        own.start()
+        request.addfinalizer(own.kill)
+        url = f"redis://127.0.0.1:{own.port}/0?stream=biz"
+    await until(lambda: asyncio.to_thread(reachable, own.port), "the bus to listen")
+
+    async def send(data: str) -> None:
+        body = orjson.dumps({"users": ["kim"], "data": data})
+        if isinstance(own, OwnNats):
+            nc = await nats.connect(own.url)
+            try:
+                await nc.jetstream().publish("biz.pay", body, stream="BIZ")
+            finally:
+                await nc.close()
+        else:
+            r = aioredis.Redis(port=own.port)
+            try:
+                await r.xadd("biz", {"body": body})
+            finally:
+                await r.aclose()
+
+    async def gauge_is(value: float) -> bool:
+        return await metric(server, "tidings_ingest_connected") == value
+
+    server = start_server(TIDINGS_INGEST_URL=url)
+    await connected(server)
+    async with sse_stream(server.url, token=server.token("kim")) as stream:
+        await stream.next_event("welcome")
+        await send("before")
+        assert await data_of(stream, 1) == ["before"]
+        await asyncio.to_thread(own.stop_with_its_data)
+        await until(lambda: gauge_is(0.0), "ingest to notice")
+        await asyncio.to_thread(own.start)
+        await until(lambda: asyncio.to_thread(reachable, own.port), "the bus to listen")
+        await until(lambda: gauge_is(1.0), "ingest to reconnect", within=SLOW)
+        await send("after")
+        assert await data_of(stream, 1, within=SLOW) == ["after"]
+
+
 @pytest.mark.parametrize("bus", ["nats", "redis"], indirect=True)
 async def test_message_arriving_while_the_broker_is_down_is_not_lost(
     start_server: StartServer, bus: Bus, own_redis: OwnRedis
@@ -481,6 +571,52 @@ async def test_message_arriving_while_the_broker_is_down_is_not_lost(
         await until(bus.drained, "the message to be acknowledged")
     assert await ingested(server) == 2
     assert not [e for e in stream.events if e.event == "reset"]
+
+
+@pytest.mark.parametrize("bus", ["nats", "redis"], indirect=True)
+async def test_a_message_held_at_shutdown_goes_out_from_the_next_instance(
+    start_server: StartServer, bus: Bus, own_redis: OwnRedis
+) -> None:
+    """An instance stops while it holds a message its broker refused: the message stays
+    on the bus (NATS: handed back; Redis: pending, claimed by the next instance), and a
+    client resuming on the next instance gets it from history."""
+    if isinstance(bus, RedisBus):
+        bus.claim_idle = "0s"  # claim at once what the stopped instance left pending
+    await until(lambda: asyncio.to_thread(reachable, own_redis.port), "redis-server to listen")
+    env = {
+        "TIDINGS_INGEST_URL": bus.url,
+        "TIDINGS_BROKER_URL": own_redis.url,
+        "TIDINGS_JWT_SECRET": secrets.token_urlsafe(48),
+    }
+    a = start_server(**env)
+    await connected(a)
+    token = a.token("lea")
+    async with sse_stream(a.url, token=token) as stream:
+        await stream.next_event("welcome")
+        await bus.send({"users": ["lea"], "data": "before"})
+        assert await data_of(stream, 1) == ["before"]
+        cursor = stream.last_id
+    await asyncio.to_thread(own_redis.stop_with_its_data)
+    await bus.send({"users": ["lea"], "data": "held"})
+
+    async def refused() -> bool:
+        return await metric(a, "tidings_ingest_retries_total") >= 1
+
+    await until(refused, "the broker to refuse the ingest publish")
+    code = await asyncio.to_thread(a.stop)
+    assert code in (0, -signal.SIGTERM), a.log()  # graceful (uvicorn re-raises SIGTERM)
+    assert "Traceback" not in a.log()
+    await asyncio.to_thread(own_redis.start)
+    await until(lambda: asyncio.to_thread(reachable, own_redis.port), "redis-server to listen")
+    b = start_server(**env)
+
+    async def published() -> bool:
+        return await ingested(b) == 1 and await bus.drained()
+
+    await until(published, "the next instance to publish it", within=SLOW)
+    async with sse_stream(b.url, token=token, last_event_id=cursor) as stream:
+        await stream.next_event("welcome")
+        assert await data_of(stream, 1) == ["held"]
 
 
 async def test_redis_entries_of_a_dead_consumer_are_claimed(

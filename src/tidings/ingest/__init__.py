@@ -194,8 +194,7 @@ class Ingest:
         self._stop.set()
         if self._reading:
             task.cancel()
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(task), STOP_GRACE)
+        await asyncio.wait({task}, timeout=STOP_GRACE)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         self.connected.set(0)
@@ -264,16 +263,18 @@ class Ingest:
             self.messages.labels(exc.outcome).inc()
             log.warning("ingest: rejected a message (%s, key %s): %s", exc.outcome, key, exc)
             return True
-        backoff = Backoff()
+        backoff, retried = Backoff(), 0
         while True:
             try:
                 await publish()
             except (BackendUnavailable, OverCapacity) as exc:
                 self.retries.inc()
+                retried += 1
                 if self.stopping:
                     return False
                 delay = backoff.next()
-                log.warning("ingest: %s; retrying message %s in %.1f s", exc, key, delay)
+                say = log.warning if retried == 1 else log.debug  # once per message
+                say("ingest: %s; holding message %s, retrying with backoff", exc, key)
                 if keepalive is not None:
                     with contextlib.suppress(Exception):
                         await keepalive()
@@ -287,6 +288,8 @@ class Ingest:
                 log.exception("ingest: message %s failed", key)
                 return self._rejected("failed", exc, key)
             self.messages.labels("published").inc()
+            if retried:
+                log.warning("ingest: message %s published after %d retries", key, retried)
             return True
 
     def _rejected(self, outcome: str, exc: Exception, key: str | None) -> bool:

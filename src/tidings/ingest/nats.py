@@ -21,6 +21,7 @@ import asyncio
 import logging
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import nats
 from nats.errors import TimeoutError as NatsTimeout
@@ -58,7 +59,7 @@ class NatsSource:
         self.durable = _BAD_NAME.sub("_", group)
         self.stream = stream
         self.core = core
-        host = server.rsplit("@", 1)[-1]
+        host = urlsplit(server).netloc.rsplit("@", 1)[-1]  # no credentials in logs
         mode = "core, queue group" if core else "JetStream, durable consumer"
         self.where = f"NATS {host} subject {subject!r} ({mode} {group!r})"
         self._nc: Any = None
