@@ -114,7 +114,8 @@ class NatsBus(Bus):
     async def send(self, body: bytes | dict[str, Any], **kw: Any) -> None:
         data = body if isinstance(body, bytes) else orjson.dumps(body)
         subject = f"{self.subject}.{kw.pop('suffix', 'events')}"
-        if self.core:
+        plain = kw.pop("plain", False)  # a core publish: JetStream stores it too
+        if self.core or plain:
             await self.nc.publish(subject, data, **kw)
             await self.nc.flush()
         else:  # stored once the PubAck is back
@@ -233,14 +234,13 @@ async def test_bus_message_reaches_sse_subscriber(start_server: StartServer, bus
         assert event.id
 
         await bus.send({"tenant": "acme", "users": ["alice"], "data": "另一个租户"})
-        await bus.send(
-            {
-                "messages": [
-                    {"topics": ["approval:pending"], "data": {"记录": 42}},
-                    {"broadcast": True, "data": "系统维护 22:00"},
-                ]
-            }
-        )
+        batch = {
+            "messages": [
+                {"topics": ["approval:pending"], "data": {"记录": 42}},
+                {"broadcast": True, "data": "系统维护 22:00"},
+            ]
+        }
+        await bus.send(batch, **({"plain": True} if isinstance(bus, NatsBus) else {}))
         assert await data_of(stream, 2) == [{"记录": 42}, "系统维护 22:00"]
         await expect_marker(stream, api, users=["alice"])  # acme's message never came
     assert await ingested(server) == 3
