@@ -91,7 +91,7 @@ async def drop_names(url: str) -> None:
     nc = await nats.connect(names.url, connect_timeout=2, max_reconnect_attempts=0)
     try:
         js = nc.jetstream()
-        for stream in (names.stream, "KV_" + names.seq_bucket, "KV_" + names.idem_bucket):
+        for stream in names.all_streams():
             with contextlib.suppress(Exception):
                 await js.delete_stream(stream)
     finally:
@@ -119,11 +119,6 @@ async def test_subject_tokens_are_safe(make_backend: BackendFactory) -> None:
         assert [e.data for e in events or []] == [tenant]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race (issue 5): under concurrent publishers to one stream, a publisher "
-    "that loses the append race answers 503 ('publish again') instead of retrying itself",
-)
 async def test_concurrent_publishers_keep_positions_contiguous(
     make_backend: BackendFactory,
 ) -> None:
@@ -141,12 +136,6 @@ async def test_concurrent_publishers_keep_positions_contiguous(
     assert sorted(e.data for e in events) == list(range(40))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 5): NATS fans out one copy per stream, routed by all the "
-    "event's streams, so a connection reading two streams of one event can get it twice "
-    "(or, across subjects, out of order); see docs/scaling.md",
-)
 async def test_soak_random_reconnects_across_instances(make_hub: HubFactory) -> None:
     await redis_tests.test_soak_random_reconnects_across_instances(make_hub)
 
