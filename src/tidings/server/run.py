@@ -1,10 +1,16 @@
-"""`tidings serve`: run the app under uvicorn (uvloop + httptools)."""
+"""`tidings serve`: run the app under uvicorn (uvloop + httptools).
+
+With ``--workers N`` (``TIDINGS_WORKERS``) a supervisor runs N such servers in
+worker processes on the same port (server/workers.py).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
+from typing import Any
 
 import uvicorn
 
@@ -21,12 +27,37 @@ log = logging.getLogger("tidings.serve")
 
 
 def serve(settings: Settings) -> None:
-    """Check the settings, print the dev hints, and serve until stopped."""
+    """Check the settings, print the dev hints, and serve until stopped.
+
+    Raises ConfigError for settings that cannot serve (e.g. several workers on
+    ``memory://``), and SystemExit(1) when the workers could not be kept running.
+    """
+    from . import workers
+
     settings = settings.with_dev_secret()
     settings.check_startup()
+    if settings.workers > 1:
+        workers.check(settings)
     configure(settings.log_level, settings.log_format)
     if settings.dev_mode:
         _dev_hint(settings)
+    if settings.workers > 1:
+        code = workers.Supervisor(settings).run()
+        if code:
+            raise SystemExit(code)
+        return
+    serve_one(settings)
+
+
+def serve_one(
+    settings: Settings,
+    sock: socket.socket | None = None,
+    *,
+    ready: Any = None,
+    parent: int | None = None,
+) -> None:
+    """One server process: on `sock` when a supervisor gives it one (then `ready.set()`
+    once it serves, and it stops by itself if the `parent` process goes away)."""
     hub = Hub(settings)
     app = create_app(settings, hub=hub)
     config = uvicorn.Config(
@@ -43,7 +74,9 @@ def serve(settings: Settings) -> None:
         backlog=4096,
         **uvicorn_options(settings),  # WebSocket keep-alive, frame size, compression
     )
-    _Server(config, hub).run()
+    server = _Server(config, hub)
+    server.ready, server.parent = ready, parent
+    server.run(sockets=None if sock is None else [sock])
 
 
 class _Server(uvicorn.Server):
@@ -57,6 +90,19 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
         super().__init__(config)
         self.hub = hub
+        self.ready: Any = None  # a worker's multiprocessing Event, set once serving
+        self.parent: int | None = None  # a worker's supervisor (pid)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.ready is not None:
+            self.ready.set()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.parent is not None and counter % 10 == 0 and os.getppid() != self.parent:
+            log.warning("the supervisor (pid %d) is gone: stopping this worker", self.parent)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         closed = self.hub.broker.close_all(CloseReason.SHUTDOWN)
