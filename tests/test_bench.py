@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tidings.bench import nchan
-from tidings.bench.cluster import with_prefix
+from tidings.bench.brokers import with_prefix
 from tidings.bench.report import Headline, percentile
 from tidings.bench.subscribers import Collector, Stream, WSStream, parse_src_ips
 

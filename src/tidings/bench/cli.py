@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from . import capacity, cluster, connects, fanout, idle, nchan, publish, throughput
+from .brokers import drop_prefix, fresh, is_shared
 from .report import BenchError, Progress, compare_line, compare_table, emit, print_text
 from .scenario import Context, Result, Spec
 from .subscribers import Dial, parse_src_ips
@@ -177,7 +178,7 @@ def _check(args: argparse.Namespace, spec: Spec) -> None:
         raise BenchError(f"{spec.name} starts its own servers; it takes no --url")
     if args.compare and not spec.nchan:
         raise BenchError(f"{spec.name} has no Nchan counterpart; drop --compare")
-    if args.servers > 1 and not (args.broker or "").startswith(("redis", "nats")):
+    if args.servers > 1 and not is_shared(args.broker or "memory://"):
         raise BenchError("--servers > 1 needs a shared --broker redis://... or nats://...")
     if spec.name not in ("capacity",) and args.n + SPARE_FDS > _fd_hard():
         raise BenchError(
@@ -234,6 +235,13 @@ def _ours(ctx: Context, spec: Spec) -> Iterator[Target | None]:
     elif args.url:
         pids = tuple(int(p) for p in args.pid.split(",") if p.strip())
         yield url_target(args.url, args.key, args.secret, pids)
+    elif args.broker and is_shared(args.broker):
+        url = fresh(args.broker)
+        try:
+            with ctx.servers(args.servers, url) as target:
+                yield target
+        finally:
+            asyncio.run(drop_prefix(url))
     else:
         with ctx.servers(args.servers, args.broker or "memory://") as target:
             yield target

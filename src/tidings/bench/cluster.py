@@ -9,17 +9,16 @@ p50 and p99 of every delivery and of the last subscriber per message.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import fanout
+from .brokers import drop_prefix, fresh, is_shared
 from .report import BenchError, Headline
 from .scenario import Context, Result, Spec
 
-__all__ = ["SPEC", "drop_prefix", "with_prefix"]
+__all__ = ["SPEC"]
 
 _KEPT = (
     "last_p50_ms",
@@ -37,54 +36,14 @@ _KEPT = (
 )
 
 
-def with_prefix(url: str, prefix: str) -> str:
-    """`url` with ``prefix=`` set (the backends' key/subject prefix)."""
-    parts = urlsplit(url)
-    query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("prefix="))
-    query = f"{query}&prefix={prefix}" if query else f"prefix={prefix}"
-    return parts._replace(query=query).geturl()
-
-
-async def drop_prefix(url: str) -> None:
-    """Delete what a backend on `url` left in the broker (best effort)."""
-    with contextlib.suppress(Exception):
-        if url.startswith(("redis://", "rediss://")):
-            import redis.asyncio as redis
-
-            from ..backends.redis import split_url as redis_url
-
-            plain, prefix = redis_url(url)
-            client = redis.Redis.from_url(plain)
-            try:
-                keys = [k async for k in client.scan_iter(match=prefix + ":*", count=1000)]
-                if keys:
-                    await client.delete(*keys)
-            finally:
-                await client.aclose()
-        elif url.startswith("nats://"):
-            import nats
-
-            from ..backends.nats import NatsBackend
-
-            names = NatsBackend(url)
-            nc = await nats.connect(names.url, connect_timeout=2, max_reconnect_attempts=0)
-            try:
-                js = nc.jetstream()
-                for stream in (names.stream, "KV_" + names.seq_bucket, "KV_" + names.idem_bucket):
-                    with contextlib.suppress(Exception):
-                        await js.delete_stream(stream)
-            finally:
-                await nc.close()
-
-
 async def run(ctx: Context) -> Result:
     broker = ctx.args.broker
-    if not broker or not broker.startswith(("redis://", "rediss://", "nats://")):
+    if not broker or not is_shared(broker):
         raise BenchError("cluster needs --broker redis://... or nats://...")
     ctx.progress.show("memory:// baseline", force=True)
     with ctx.servers(1, "memory://") as alone:
         memory = await fanout.measure(ctx.on(alone))
-    url = with_prefix(broker, f"tbench{os.urandom(4).hex()}")
+    url = fresh(broker)
     try:
         with ctx.servers(2, url) as pair:
             # subscribers on the second instance, publishes through the first
@@ -111,7 +70,7 @@ async def run(ctx: Context) -> Result:
 SPEC = Spec(
     name="cluster",
     run=run,
-    default_n=1000,
+    default_n=100,
     headline=Headline("added_delivery_p99_ms", higher_is_better=False),
     rows=(
         ("broker", "broker"),
