@@ -190,6 +190,7 @@ class Presence:
         self._started = time.monotonic()
         self._is_running = is_running
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._sent: dict[Change, int] = {}  # reader counts as the store has them
         self._sent_summaries: dict[str, Summary] = {}
         self._full = True  # rewrite everything at the next flush
@@ -210,6 +211,7 @@ class Presence:
         if self.store is None or self._task is not None:
             return
         self.broker.touched = set()
+        self._stopping = False
         await self.store.open()
         try:
             await self.flush()
@@ -223,9 +225,13 @@ class Presence:
         task, self._task = self._task, None
         if task is None or self.store is None:
             return
+        # A client library may swallow the cancellation of a flush in flight: the flag
+        # ends the loop then, and the wait is bounded whatever happens.
+        self._stopping = True
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task}, timeout=5.0)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.warning("presence flush loop failed", exc_info=task.exception())
         try:
             async with asyncio.timeout(5.0):
                 await self.store.remove()
@@ -236,8 +242,10 @@ class Presence:
         self.broker.touched = None
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.interval)
+            if self._stopping:
+                return
             try:
                 await self.flush()
             except asyncio.CancelledError:
