@@ -58,6 +58,7 @@ def serve_one(
 ) -> None:
     """One server process: on `sock` when a supervisor gives it one (then `ready.set()`
     once it serves, and it stops by itself if the `parent` process goes away)."""
+    raise_open_file_limit()
     hub = Hub(settings)
     app = create_app(settings, hub=hub)
     config = uvicorn.Config(
@@ -109,6 +110,27 @@ class _Server(uvicorn.Server):
         log.info("shutting down: told %d connections to reconnect elsewhere", closed)
         await said_goodbye(self.hub)  # WebSockets close with 1001 before uvicorn's 1012
         await super().shutdown(sockets)
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file limit (RLIMIT_NOFILE) to its hard limit; returns it.
+
+    Every connection is a file descriptor, and the soft limit is often 1024: without
+    this, the process refuses connections (EMFILE) far below what its memory allows.
+    """
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    log.debug("open-file limit: %d", soft)
+    return int(soft)
 
 
 def _dev_hint(settings: Settings) -> None:
