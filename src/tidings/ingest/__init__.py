@@ -154,7 +154,7 @@ class Ingest:
         self.stopping = False
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._reading = False
+        self._holding = False
         self._backoff = Backoff()
 
     @classmethod
@@ -192,7 +192,7 @@ class Ingest:
             return
         self.stopping = True
         self._stop.set()
-        if self._reading:
+        if not self._holding:  # waiting for the bus, or connecting: nothing to finish
             task.cancel()
         await asyncio.wait({task}, timeout=STOP_GRACE)
         task.cancel()
@@ -234,16 +234,14 @@ class Ingest:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     @contextlib.asynccontextmanager
-    async def reading(self) -> AsyncIterator[bool]:
-        """Around a wait for the bus: `stop()` may cancel it. Yields False when stopping."""
-        if self.stopping:
-            yield False
-            return
-        self._reading = True
+    async def holding(self) -> AsyncIterator[bool]:
+        """Around handling a message and acknowledging it, which `stop()` lets finish
+        (anywhere else it cancels). Yields False when stopping: take no new message."""
+        self._holding = True
         try:
-            yield True
+            yield not self.stopping
         finally:
-            self._reading = False
+            self._holding = False
 
     # -- one message ----------------------------------------------------------------------
 

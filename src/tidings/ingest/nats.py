@@ -45,6 +45,7 @@ DEFAULT_STREAM = "TIDINGS_INGEST"
 FETCH_BATCH = 16  # messages pulled at once; handled in order, one at a time
 FETCH_WAIT = 5.0  # seconds one pull request waits for messages
 ACK_WAIT = 30.0  # seconds until an unacknowledged message goes to another instance
+RECONNECT_ATTEMPTS = 4  # the client's own tries, 0.5 s apart, before it gives up
 CHECK_EVERY = 6  # idle pulls between checks that the consumer still exists
 _BAD_NAME = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -70,8 +71,10 @@ class NatsSource:
             self.server,
             name="tidings-ingest",
             connect_timeout=2,
+            # A blip is bridged by the client (it resubscribes); after that the client
+            # closes and Ingest connects again with its backoff (0.1 s doubling to 5 s).
             allow_reconnect=True,
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=RECONNECT_ATTEMPTS,
             reconnect_time_wait=0.5,
             disconnected_cb=self._disconnected(ingest),
             reconnected_cb=self._reconnected(ingest),
@@ -130,30 +133,31 @@ class NatsSource:
                 self._resetup = False
                 await sub.unsubscribe()
                 js, sub, stream, origin = await self._setup()
-            async with ingest.reading() as go:
-                if not go:
-                    return
-                try:
-                    msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
-                except NatsTimeout:
-                    msgs = []
+            try:
+                msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
+            except NatsTimeout:
+                msgs = []
             if not msgs:
                 idle += 1
                 if idle % CHECK_EVERY == 0:
                     await js.consumer_info(stream, self.durable)  # NotFound: set up again
                 continue
             for index, msg in enumerate(msgs):
-                headers = msg.headers or {}
-                if "Nats-Msg-Id" in headers:
-                    key = header_key(headers["Nats-Msg-Id"])
-                else:
-                    key = bus_key("nats", origin, str(msg.metadata.sequence.stream))
-                if await ingest.handle(msg.data, key, keepalive=msg.in_progress):
-                    await msg.ack()
-                    continue
-                for rest in msgs[index:]:  # stopping: let another instance have them now
-                    await rest.nak()
-                return
+                async with ingest.holding() as go:
+                    if go:
+                        go = await ingest.handle(msg.data, self._key(msg, origin), msg.in_progress)
+                    if go:
+                        await msg.ack()
+                        continue
+                    for rest in msgs[index:]:  # stopping: let another instance have them now
+                        await rest.nak()
+                    return
+
+    def _key(self, msg: Any, origin: str) -> str:
+        headers = msg.headers or {}
+        if "Nats-Msg-Id" in headers:
+            return header_key(headers["Nats-Msg-Id"])
+        return bus_key("nats", origin, str(msg.metadata.sequence.stream))
 
     # -- core -----------------------------------------------------------------------------
 
@@ -162,17 +166,15 @@ class NatsSource:
         await self._nc.flush()
         ingest.up()
         while not ingest.stopping:
-            async with ingest.reading() as go:
-                if not go:
-                    return
-                try:
-                    msg = await sub.next_msg(timeout=None)
-                except NatsTimeout:
-                    continue
+            try:
+                msg = await sub.next_msg(timeout=FETCH_WAIT)  # ConnectionClosed: reconnect
+            except NatsTimeout:
+                continue
             headers = msg.headers or {}
             key = header_key(headers["Nats-Msg-Id"]) if "Nats-Msg-Id" in headers else None
-            if not await ingest.handle(msg.data, key):
-                log.error("ingest: stopped with a core NATS message unpublished (key %s)", key)
+            async with ingest.holding():  # taken: handle it even when stopping
+                if not await ingest.handle(msg.data, key):
+                    log.error("ingest: stopped holding core NATS message %s: it is lost", key)
 
     # -- callbacks ------------------------------------------------------------------------
 

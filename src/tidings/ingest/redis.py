@@ -76,13 +76,11 @@ class RedisSource:
                 entries = await self._claim(r)
                 next_claim = 0.0 if len(entries) >= BATCH else time.monotonic() + self._period()
             else:
-                async with ingest.reading() as go:
-                    if not go:
-                        return
-                    entries = await self._read(r, ">", block=BLOCK_MS)
+                entries = await self._read(r, ">", block=BLOCK_MS)
             for entry_id, fields in entries:
-                if not await self._handle(ingest, r, entry_id, fields):
-                    return  # stopping: it stays pending, for us or another instance to claim
+                async with ingest.holding() as go:
+                    if not go or not await self._handle(ingest, r, entry_id, fields):
+                        return  # stopping: it stays pending, for us or another to claim
 
     async def close(self) -> None:
         r, self._redis = self._redis, None
