@@ -5,9 +5,9 @@ limit cannot be raised), so the capacity scenario spreads its connections over
 children. Line protocol, JSON on stdin/stdout::
 
     parent -> child   {"target": {...}, "first": 0, "count": 19000, "topic": ..., ...}
-    child  -> parent  {"ready": 19000, "failures": {...}, "retries": 0, "seconds": 4.2}
+    child  -> parent  {"ready": 19000, "failures": {}, "retries": 0, "seconds": 4.2, "cpu_s": 3.1}
     parent -> child   {"expect": 1}        (then the parent publishes that many messages)
-    child  -> parent  {"received": 19000, "alive": 19000}
+    child  -> parent  {"received": 19000, "alive": 19000, "cpu_s": 3.2}
     parent closes stdin: the child closes its connections and exits.
 
 Run as ``python -m tidings.bench.holder``; not a command of its own.
@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from .procstat import harness_cpu_s
 from .report import Progress
 from .subscribers import Collector, Dial, close_all, open_subscribers
 from .target import Target
@@ -45,6 +46,7 @@ def _write(value: dict[str, Any]) -> None:
 
 async def hold() -> None:
     spec = await _read()
+    cpu0 = harness_cpu_s()  # the interpreter's start is not the harness's work
     target = Target.from_spec(spec["target"])
     dial = Dial(
         concurrency=spec["concurrency"],
@@ -71,6 +73,7 @@ async def hold() -> None:
             "failures": dict(collector.failures),
             "retries": collector.retries,
             "seconds": round(time.monotonic() - started, 3),
+            "cpu_s": round(harness_cpu_s() - cpu0, 2),
         }
     )
     try:
@@ -82,6 +85,7 @@ async def hold() -> None:
             {
                 "received": sum(1 for s in subs if s.count >= expect),
                 "alive": sum(1 for s in subs if s.alive),
+                "cpu_s": round(harness_cpu_s() - cpu0, 2),
             }
         )
         with contextlib.suppress(EOFError):
