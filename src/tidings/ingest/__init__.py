@@ -201,26 +201,27 @@ class Ingest:
 
     async def _run(self) -> None:
         while not self.stopping:
+            failure = "it stopped reading"
             try:
                 await self.source.run(self)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the bus is down, or refused our set-up: try again
-                if not self.stopping:
-                    delay = self._backoff.next()
-                    log.warning(
-                        "ingest from %s failed (%s: %s); reconnecting in %.1f s",
-                        self.source.where,
-                        type(exc).__name__,
-                        exc,
-                        delay,
-                        exc_info=log.isEnabledFor(logging.DEBUG),
-                    )
-                    await self.pause(delay)
+                failure = f"{type(exc).__name__}: {exc}"
+                log.debug("ingest from %s failed", self.source.where, exc_info=True)
             finally:
                 self.connected.set(0)
                 with contextlib.suppress(Exception):
                     await self.source.close()
+            if not self.stopping:
+                delay = self._backoff.next()
+                log.warning(
+                    "ingest from %s failed (%s); reconnecting in %.1f s",
+                    self.source.where,
+                    failure,
+                    delay,
+                )
+                await self.pause(delay)
 
     def up(self) -> None:
         """The source is connected and set up."""
