@@ -22,7 +22,7 @@ import pytest
 
 import test_backend_redis as redis_tests
 from server import TidingsServer, free_port
-from sse_client import Api, open_stream
+from sse_client import Api, SSEClient, open_stream
 from test_backend_redis import (  # the generic tests, collected here too
     BackendFactory,
     HubFactory,
@@ -138,6 +138,110 @@ async def test_concurrent_publishers_keep_positions_contiguous(
 
 async def test_soak_random_reconnects_across_instances(make_hub: HubFactory) -> None:
     await redis_tests.test_soak_random_reconnects_across_instances(make_hub)
+
+
+# -- the same soak through two real `tidings serve` processes -----------------------
+
+
+class SSERoamer:
+    """An SSE client that roams between servers, resuming with its last id each time."""
+
+    def __init__(self, user: str, topic: str) -> None:
+        self.user, self.topic = user, topic
+        self.seen: list[int] = []
+        self.resets = 0
+        self.last_id: str | None = None
+        self.stream: SSEClient | None = None
+
+    async def connect(self, server: TidingsServer, token: str) -> None:
+        stream = await open_stream(
+            server.url, token=token, params={"topics": self.topic}, last_event_id=self.last_id
+        )
+        assert stream.status == 200, (stream.status, await stream.json())
+        await stream.next_event("welcome")  # its id is the cursor, as EventSource keeps it
+        self.stream = stream
+
+    async def read_until(self, total: int) -> None:
+        """Read until `total` events were seen in all (each already published to us)."""
+        stream = self.stream
+        assert stream is not None
+        self._absorb(stream)
+        for _ in range(total - len(self.seen)):
+            await stream.next_event("message")
+        self._absorb(stream)
+
+    async def disconnect(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        self._absorb(stream)
+        await stream.close()
+
+    def _absorb(self, stream: SSEClient) -> None:
+        for event in stream.events:  # everything parsed, so everything `last_id` covers
+            if event.event == "message":
+                self.seen.append(int(event.data))
+            elif event.event == "reset":
+                self.resets += 1
+        if stream.last_id is not None:  # None: nothing read, the old cursor still holds
+            self.last_id = stream.last_id
+        stream.events.clear()
+        stream.received()  # and not returned again by `next_event`
+
+
+async def test_serve_soak_roaming_clients(cluster: Callable[..., list[TidingsServer]]) -> None:
+    """Hundreds of SSE clients roam between two `tidings serve` on NATS while events on
+    users, topics and the broadcast are published through both: every client gets
+    every event of its streams once, in publish order, and never a reset."""
+    import random
+
+    rng = random.Random(11)
+    servers = cluster(2)
+    topics = [f"room{i}" for i in range(4)]
+    clients = [SSERoamer(f"user{i}", topics[i % 4]) for i in range(200)]
+    tokens = {c.user: servers[0].token(c.user, topics=[c.topic]) for c in clients}
+    expected: dict[str, list[int]] = {c.user: [] for c in clients}
+    apis = [Api(s.url, s.api_key) for s in servers]
+    try:
+        for api in apis:
+            await api.__aenter__()
+        for i, c in enumerate(clients):
+            await c.connect(servers[i % 2], tokens[c.user])
+        for n in range(150):
+            kind = rng.random()
+            users = rng.sample(clients, rng.randint(1, 10)) if kind < 0.5 else []
+            topic = rng.choice(topics) if 0.3 < kind < 0.9 else None
+            broadcast = kind >= 0.9
+            await rng.choice(apis).publish(
+                users=[c.user for c in users],
+                topics=[topic] if topic else [],
+                broadcast=broadcast,
+                data=n,
+            )
+            chosen = {c.user for c in users}
+            for c in clients:
+                if broadcast or c.user in chosen or c.topic == topic:
+                    expected[c.user].append(n)
+            for c in rng.sample(clients, 4):  # read part of what is due, leave, come back
+                if c.stream is not None:
+                    await c.read_until(rng.randint(len(c.seen), len(expected[c.user])))
+                await c.disconnect()
+                if rng.random() < 0.8:
+                    await c.connect(rng.choice(servers), tokens[c.user])
+        for c in clients:
+            if c.stream is None:
+                await c.connect(rng.choice(servers), tokens[c.user])
+            await c.read_until(len(expected[c.user]))
+            await c.disconnect()
+    finally:
+        for c in clients:
+            if c.stream is not None:
+                await c.stream.close()
+        for api in apis:
+            await api.__aexit__(None, None, None)
+    for c in clients:
+        assert c.resets == 0, c.user
+        assert c.seen == expected[c.user], (c.user, c.topic)
 
 
 # -- a NATS restart mid-stream, on a server of our own ------------------------------
