@@ -50,13 +50,16 @@ class RedisSource:
         self.stream = stream
         self.group = group
         self.claim_idle = claim_idle
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.consumer = ""  # named in the process that reads (see `run`)
         parts = urlsplit(url)
         host = parts.netloc.rsplit("@", 1)[-1]
         self.where = f"Redis {host}{parts.path} stream {stream!r} (consumer group {group!r})"
         self._redis: Redis | None = None
 
     async def run(self, ingest: Ingest) -> None:
+        if not self.consumer.startswith(f"{socket.gethostname()}-{os.getpid()}-"):
+            # Made here, not in __init__: a worker forked after create_app is its own consumer.
+            self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         r = self._redis = Redis.from_url(
             self.url, socket_connect_timeout=2.0, socket_timeout=BLOCK_MS / 1000 + 10.0
         )
