@@ -158,7 +158,7 @@ def reachable(port: int) -> bool:
 def test_cluster_reports_the_latency_a_broker_adds(broker: str, port: int) -> None:
     if not reachable(port):
         pytest.skip(f"nothing listens on 127.0.0.1:{port}")
-    code, lines, err = bench("cluster", *TINY["fanout"], "--broker", broker)
+    code, lines, err = bench("cluster", *TINY["fanout"], "--broker", broker, "--rounds", "2")
     assert code == 0, err
     (result,) = lines
     assert result["scenario"] == "cluster" and result["complete"] is True
@@ -166,8 +166,8 @@ def test_cluster_reports_the_latency_a_broker_adds(broker: str, port: int) -> No
     for p in ("p50", "p99"):
         assert result[f"added_delivery_{p}_ms"] is not None
         assert result[f"added_last_{p}_ms"] is not None
-    for side in ("memory", "cluster"):
-        assert result[side]["received"] == result[side]["expected"] == 60
+    for side in ("memory", "cluster"):  # two rounds of 20 x 3
+        assert result[side]["received"] == result[side]["expected"] == 120
 
 
 def test_usage_errors_exit_2() -> None:
@@ -176,6 +176,7 @@ def test_usage_errors_exit_2() -> None:
     assert bench("fanout", "--url", "http://127.0.0.1:9")[0] == 2  # no --key/--secret
     assert bench("fanout", "--url", "http://192.0.2.1:80", "--key", "k", "--secret", "s")[0] == 2
     assert bench("fanout", "--pin", "0")[0] == 2
+    assert bench("cluster", "--broker", "redis://127.0.0.1:6379", "--rounds", "0")[0] == 2
     assert bench("fanout", "--servers", "2")[0] == 2  # two instances need a shared broker
     assert bench("fanout", "-n", "999999")[0] == 2  # beyond one process's open files
 

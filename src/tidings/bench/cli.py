@@ -104,6 +104,7 @@ def add_parser(commands: Any) -> None:
     w.add_argument("--transport", choices=["sse", "ws"], default="sse")
     w.add_argument("--topic", default="", help="topic (default: a fresh one per run)")
     w.add_argument("--tenant", default="", help="tenant (default: the default tenant)")
+    w.add_argument("--rounds", type=int, default=1, help="cluster: alternating rounds")
     w.add_argument("--settle", type=float, default=1.0, help="pause after subscribing, s")
     w.add_argument("--grace", type=float, default=10.0, help="max wait for late deliveries, s")
     d = p.add_argument_group("connections")
@@ -168,8 +169,10 @@ def _check(args: argparse.Namespace, spec: Spec) -> None:
         raise BenchError("-n must be at least 1 (publish: at least 0)")
     if args.per_process is not None and args.per_process < 1:
         raise BenchError("--per-process must be at least 1")
-    if args.messages < 1 or args.publishers < 1 or args.concurrency < 1 or args.servers < 1:
-        raise BenchError("--messages, --publishers, --concurrency and --servers must be >= 1")
+    if min(args.messages, args.publishers, args.concurrency, args.servers, args.rounds) < 1:
+        raise BenchError(
+            "--messages, --publishers, --concurrency, --servers and --rounds must be >= 1"
+        )
     if min(args.interval, args.grace, args.hold, args.duration, args.settle) < 0:
         raise BenchError("durations must not be negative")
     if args.url and not (args.key and args.secret):

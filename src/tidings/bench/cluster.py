@@ -4,11 +4,14 @@ Two fresh ``tidings serve`` instances on --broker (redis://... or nats://...,
 given a fresh key prefix that is deleted afterwards): subscribers on the second,
 publishes through the first. The same fanout also runs on one instance with the
 in-process memory:// broker, and the result is the latency the broker adds, at
-p50 and p99 of every delivery and of the last subscriber per message.
+p50 and p99 of every delivery and of the last subscriber per message. With
+--rounds R both run R times, alternating, and each added value is the median of
+the R differences: one stall of a busy machine then moves no number.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +32,6 @@ _KEPT = (
     "complete",
     "received",
     "expected",
-    "subscribers_ready",
     "publish_rtt_p50_ms",
     "server_cpu_s_publish",
     "other_cpu_s_publish",
@@ -40,15 +42,18 @@ async def run(ctx: Context) -> Result:
     broker = ctx.args.broker
     if not broker or not is_shared(broker):
         raise BenchError("cluster needs --broker redis://... or nats://...")
-    ctx.progress.show("memory:// baseline", force=True)
-    with ctx.servers(1, "memory://") as alone:
-        memory = await fanout.measure(ctx.on(alone))
     url = fresh(broker)
+    memory: list[Result] = []
+    cluster: list[Result] = []
     try:
-        with ctx.servers(2, url) as pair:
+        with ctx.servers(1, "memory://") as alone, ctx.servers(2, url) as pair:
             # subscribers on the second instance, publishes through the first
             split = replace(pair, ports=pair.ports[1:], pub_port=pair.ports[0])
-            cluster = await fanout.measure(ctx.on(split))
+            for k in range(ctx.args.rounds):  # alternating, so noise hits both alike
+                ctx.progress.show(f"round {k + 1}: memory://", force=True)
+                memory.append(await fanout.measure(ctx.on(alone)))
+                ctx.progress.show(f"round {k + 1}: {urlsplit(broker).scheme}", force=True)
+                cluster.append(await fanout.measure(ctx.on(split)))
     finally:
         await drop_prefix(url)
     result: dict[str, Any] = {
@@ -56,15 +61,38 @@ async def run(ctx: Context) -> Result:
         "broker": urlsplit(broker).scheme,
         "n": ctx.args.n,
         "messages": ctx.args.messages,
+        "rounds": ctx.args.rounds,
         "transport": ctx.args.transport,
     }
     for name in ("delivery_p50_ms", "delivery_p99_ms", "last_p50_ms", "last_p99_ms"):
-        a, b = cluster.get(name), memory.get(name)
-        result[f"added_{name}"] = None if a is None or b is None else round(a - b, 2)
-    result["complete"] = bool(cluster["complete"] and memory["complete"])
-    result["memory"] = {k: memory.get(k) for k in _KEPT}
-    result["cluster"] = {k: cluster.get(k) for k in _KEPT}
+        added = [
+            c[name] - m[name]
+            for m, c in zip(memory, cluster, strict=True)
+            if c.get(name) is not None and m.get(name) is not None
+        ]
+        result[f"added_{name}"] = _median(added)
+    result["complete"] = all(r["complete"] for r in memory + cluster)
+    result["memory"] = _summary(memory)
+    result["cluster"] = _summary(cluster)
     return result
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
+def _summary(runs: list[Result]) -> Result:
+    """Per field: the median over rounds (numbers), all (complete), the sum (counts)."""
+    out: Result = {}
+    for name in _KEPT:
+        values = [r[name] for r in runs if r.get(name) is not None]
+        if name == "complete":
+            out[name] = all(values)
+        elif name in ("received", "expected"):
+            out[name] = sum(values)
+        else:
+            out[name] = _median(values)
+    return out
 
 
 SPEC = Spec(

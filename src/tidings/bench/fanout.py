@@ -90,6 +90,7 @@ async def measure(ctx: Context) -> Result:
         "connect_s": round(connect_s, 3),
         "connects_per_s": round(ready / connect_s, 1) if connect_s > 0 else None,
         "last_max_ms": ms(max(last) if last else None),
+        "slowest_message": max(full, key=lambda k: collector.last_ns[k]) if full else None,
         "delivery_p50_ms": ms(percentile(collector.latencies, 50)),
         "delivery_p99_ms": ms(percentile(collector.latencies, 99)),
         "publish_rtt_p50_ms": ms(percentile(rtts, 50)),
