@@ -27,6 +27,10 @@ import pytest
 
 from server import START_TIMEOUT, StartServer, TidingsServer, free_port
 from sse_client import WAIT, Api, SSEClient, open_stream
+from tidings import Hub, Settings
+from tidings.auth import Principal
+from tidings.connection import SSEConnection
+from tidings.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 
@@ -43,9 +47,7 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
-async def until(
-    condition: Callable[[], Awaitable[bool]], what: str, within: float = WAIT
-) -> None:
+async def until(condition: Callable[[], Awaitable[bool]], what: str, within: float = WAIT) -> None:
     """Poll `condition` (bounded): a failure guard, not a way to let time pass."""
     deadline = time.monotonic() + within
     while not await condition():
@@ -162,6 +164,69 @@ def alive(pid: int) -> bool:
     return True
 
 
+# -- the in-process API --------------------------------------------------------------------
+
+
+async def attach(hub: Hub, user: str, tenant: str = "", topics: tuple[str, ...] = ()) -> Any:
+    principal = Principal(user, tenant)
+    conn = SSEConnection(principal, hub.streams_for(principal, list(topics)), limit=16)
+    hub.broker.release(conn, await hub.broker.attach(conn, None))
+    return conn
+
+
+async def test_in_process_presence_spans_hubs(broker_url: str) -> None:
+    settings = Settings(broker_url=broker_url, presence_interval=0.1, presence_ttl=1)
+    async with Hub(settings) as a, Hub(settings) as b:
+        conns = [await attach(a, "ann", "acme", ("news",)), await attach(b, "ann", "acme")]
+        await attach(b, "bob", "acme")
+
+        async def both_see_ann_twice() -> bool:
+            counts = [await h.presence.connections("ann", "acme") for h in (a, b)]
+            return counts == [2, 2]
+
+        await until(both_see_ann_twice, "ann's 2 connections from both hubs")
+        await until(lambda: _eq(a.presence.users("acme"), ["ann", "bob"]), "bob (on b) from a")
+        assert a.online_users("acme") == ["ann"]  # the synchronous API: this process only
+        assert a.connection_count("ann", "acme") == 1
+        assert await a.presence.is_online("bob", "acme")
+        assert not await a.presence.is_online("bob", "globex")  # tenants are walls
+        stats = await b.presence.stats("acme")
+        assert (stats["connections"], stats["users"], stats["topics"]) == (3, 2, 1)
+
+        # `disconnect` counts the user's connections on every instance.
+        assert await a.disconnect("ann", "acme") == 2
+        for conn in conns:
+            await until(lambda conn=conn: _true(conn.closed is not None), "closed")
+            for hub in (a, b):
+                hub.broker.detach(conn)  # as its transport would (detach is idempotent)
+        await until(lambda: _eq(b.presence.users("acme"), ["bob"]), "ann gone")
+
+
+async def _eq(value: Awaitable[Any], expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_memory_presence_is_this_process() -> None:
+    async with Hub(Settings()) as hub:
+        assert hub.presence.store is None
+        await attach(hub, "ann", "acme")
+        assert await hub.presence.users("acme") == ["ann"]
+        stats = await hub.presence.stats()
+        assert (stats["connections"], stats["users"]) == (1, 1)
+        assert [row["id"] for row in stats["instances"]] == [stats["instance"]]
+        assert stats["instances"][0]["pid"] == os.getpid()
+        assert stats["tenants"]["acme"]["connections"] == 1
+
+
+def test_presence_ttl_must_cover_two_intervals() -> None:
+    with pytest.raises(ConfigError, match="TIDINGS_PRESENCE_TTL must be at least 2"):
+        Settings(presence_interval=1, presence_ttl=1.5)
+
+
 # -- presence across instances --------------------------------------------------------------
 
 
@@ -190,11 +255,15 @@ async def test_presence_is_seen_from_every_instance(cluster: Cluster) -> None:
             await until(seen(srv, path, lambda r: r["connections"] == 2), "2 connections")
 
         await one.close()
-        await until(seen(b, "/api/v1/presence/ann?tenant=acme", lambda r: r["connections"] == 1), "1")
+        await until(
+            seen(b, "/api/v1/presence/ann?tenant=acme", lambda r: r["connections"] == 1), "1"
+        )
         await two.close()
         two = None
         for srv in (a, b):
-            await until(seen(srv, "/api/v1/presence?tenant=acme", lambda r: r["users"] == []), "gone")
+            await until(
+                seen(srv, "/api/v1/presence?tenant=acme", lambda r: r["users"] == []), "gone"
+            )
     finally:
         await one.close()
         if two is not None:
@@ -230,19 +299,7 @@ async def test_stats_add_up_across_instances(cluster: Cluster) -> None:
             for i in range(3):
                 await api.publish(tenant="acme", users=["ann"], data=i)
             await api.publish(tenant="globex", broadcast=True, data="g")
-        await until(
-            seen(
-                b,
-                "/api/v1/stats",
-                lambda r: r["connections"] == 4 and r["messages_delivered"] == 7,
-            ),
-            "every instance's counts on b",
-        )
-        everything = await get(b, "/api/v1/stats")
-        assert everything["users"] == 3  # ann@acme (on both), bob@acme, carl@globex
-        assert everything["topics"] == 1
-        assert everything["messages_published"] == 4
-        assert everything["tenants"]["acme"] == {
+        acme = {
             "connections": 3,
             "users": 2,
             "topics": 1,
@@ -250,7 +307,16 @@ async def test_stats_add_up_across_instances(cluster: Cluster) -> None:
             "messages_delivered": 6,
             "messages_dropped": 0,
         }
+
+        def complete(r: Any) -> bool:  # every instance's last flush has it all
+            totals = (r["connections"], r["users"], r["topics"])
+            messages = (r["messages_published"], r["messages_delivered"])
+            return (totals, messages) == ((4, 3, 1), (4, 7)) and r["tenants"]["acme"] == acme
+
+        await until(seen(b, "/api/v1/stats", complete), "every instance's counts on b")
+        everything = await get(b, "/api/v1/stats")
         assert everything["tenants"]["globex"]["connections"] == 1
+        assert everything["tenants"]["globex"]["users"] == 1
         rows = {row["pid"]: row for row in everything["instances"]}
         assert set(rows) == {a.pid, b.pid}
         assert (rows[a.pid]["connections"], rows[b.pid]["connections"]) == (1, 3)
@@ -258,14 +324,21 @@ async def test_stats_add_up_across_instances(cluster: Cluster) -> None:
         assert everything["instance"] == rows[b.pid]["id"]
 
         # An admin token sees its tenant only, and no host or pid.
-        acme = await get(a, "/api/v1/stats", a.token("boss", tenant="acme", admin=True))
-        assert (acme["connections"], acme["users"], acme["topics"]) == (3, 2, 1)
-        assert (acme["messages_published"], acme["messages_delivered"]) == (3, 6)
-        assert "tenants" not in acme
-        assert len(acme["instances"]) == 2
-        assert all("pid" not in row and "host" not in row for row in acme["instances"])
-        globex = await get(a, "/api/v1/stats?tenant=globex")
-        assert (globex["connections"], globex["users"], globex["messages_published"]) == (1, 1, 1)
+        boss = a.token("boss", tenant="acme", admin=True)
+        await until(
+            seen(a, "/api/v1/stats", lambda r: {k: r[k] for k in acme} == acme, boss),
+            "acme's counts on a",
+        )
+        mine = await get(a, "/api/v1/stats", boss)
+        assert "tenants" not in mine
+        assert len(mine["instances"]) == 2
+        assert all("pid" not in row and "host" not in row for row in mine["instances"])
+        assert sum(row["connections"] for row in mine["instances"]) == 3
+
+        def globex(r: Any) -> bool:
+            return (r["connections"], r["users"], r["messages_published"]) == (1, 1, 1)
+
+        await until(seen(a, "/api/v1/stats?tenant=globex", globex), "globex's counts on a")
     finally:
         for client in clients:
             await client.close()

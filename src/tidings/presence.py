@@ -192,6 +192,7 @@ class Presence:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._sent: dict[Change, int] = {}  # reader counts as the store has them
+        self._sent_kinds = {USER: 0, TOPIC: 0}  # how many users, topics in `_sent`
         self._sent_summaries: dict[str, Summary] = {}
         self._full = True  # rewrite everything at the next flush
         self._failing = False
@@ -266,9 +267,12 @@ class Presence:
         if store is None:
             return
         broker = self.broker
-        missing = await store.heartbeat(self._info())
-        touched, broker.touched = broker.touched or set(), set()
+        # Totals and tenant counters of one moment; users and topics as of the last
+        # flush (no scan per flush).
+        info = self._info(self._sent_kinds)
         summaries = {t: _summary(c) for t, c in broker.tenant_counts.items()}
+        missing = await store.heartbeat(info)
+        touched, broker.touched = broker.touched or set(), set()
         if missing or self._full:
             counts = {}
             for key, readers in broker.stream_readers():
@@ -277,6 +281,9 @@ class Presence:
                     counts[change] = readers
             await store.write(counts, summaries, full=True)
             self._sent = counts
+            self._sent_kinds = {USER: 0, TOPIC: 0}
+            for _, kind, _ in counts:
+                self._sent_kinds[kind] += 1
             self._sent_summaries = summaries
             self._full = False
         else:
@@ -292,23 +299,26 @@ class Presence:
                 await store.write(changes, changed, full=False)  # a failure: full next time
                 for change, readers in changes.items():
                     if readers:
+                        if self._sent.get(change, 0) == 0:
+                            self._sent_kinds[change[1]] += 1
                         self._sent[change] = readers
-                    else:
-                        self._sent.pop(change, None)
+                    elif self._sent.pop(change, 0):
+                        self._sent_kinds[change[1]] -= 1
                 self._sent_summaries.update(changed)
         self.flushes += 1
 
     # -- this instance ----------------------------------------------------------------
 
-    def _info(self) -> dict[str, Any]:
+    def _info(self, kinds: dict[str, int] | None = None) -> dict[str, Any]:
+        """This instance's row; `kinds` (users, topics) None: counted now."""
         broker = self.broker
-        users = topics = 0
-        for key, _ in broker.stream_readers():
-            stream = key.partition("\x1f")[2]
-            if stream.startswith("u:"):
-                users += 1
-            elif stream.startswith("t:"):
-                topics += 1
+        if kinds is None:
+            kinds = {USER: 0, TOPIC: 0}
+            for key, readers in broker.stream_readers():
+                change = _kind(key)
+                if change is not None and readers:
+                    kinds[change[1]] += 1
+        users, topics = kinds[USER], kinds[TOPIC]
         s = broker.stats
         return {
             "id": self.instance,
