@@ -54,6 +54,7 @@ from test_backend_redis import (  # the generic tests, collected here too
     until,
 )
 from tidings.backends.nats import NatsBackend
+from tidings.event import Event
 
 pytestmark = pytest.mark.integration
 
@@ -134,6 +135,68 @@ async def test_concurrent_publishers_keep_positions_contiguous(
     assert events is not None
     assert [e.seq_in("t:hot") for e in events] == list(range(1, 41))
     assert sorted(e.data for e in events) == list(range(40))
+
+
+async def test_concurrent_publishers_fan_out_once_in_position_order(broker_url: str) -> None:
+    """Three instances publish at once, events on one to three streams each: every
+    instance's fan-out gets every event once, each stream's positions 1, 2, 3 … in
+    order, and history holds the same."""
+    import random
+
+    rng = random.Random(7)
+    got: list[list[Event]] = [[], [], []]
+    backends = []
+    try:
+        for sink in got:
+            backend = NatsBackend(broker_url, history_size=1000, history_ttl=3600)
+            await backend.connect(sink.append)
+            backends.append(backend)
+        pool = ["t:hot", "t:cold", "b", "u:0", "u:1", "u:2"]
+        plans = [rng.sample(pool, rng.randint(1, 3)) for _ in range(150)]
+        await asyncio.gather(
+            *(
+                backends[i % 3].publish("acme", streams, "m", i, f"e{i}")
+                for i, streams in enumerate(plans)
+            )
+        )
+        await until(lambda: all(len(g) >= len(plans) for g in got), "every event everywhere")
+        counts = {s: sum(s in p for p in plans) for s in pool}
+        for received in got:
+            assert sorted(e.data for e in received) == list(range(len(plans)))
+            for stream in pool:
+                positions = [e.seq_in(stream) for e in received if e.seq_in(stream)]
+                assert positions == list(range(1, counts[stream] + 1)), stream
+        for stream in pool:
+            history = await backends[0].history("acme", stream, 0)
+            assert history is not None
+            assert [e.seq_in(stream) for e in history] == list(range(1, counts[stream] + 1))
+            assert [e.data for e in history] == [e.data for e in got[1] if e.seq_in(stream)]
+    finally:
+        for backend in backends:
+            await backend.close()
+
+
+async def test_history_written_by_whoever_finds_it_missing(make_backend: BackendFactory) -> None:
+    """A publisher that stops right after its commit (before writing history copies):
+    its event was delivered, and another instance writes the copies when it needs them."""
+    a, b = await make_backend(), await make_backend()
+    await a.publish("", ["u:ann", "t:x"], "m", 1, "e1")
+    stuck: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def frozen(*args: object) -> None:
+        await stuck  # as a process that froze (or died) between its two steps
+
+    writer: Any = a._writer  # type: ignore[attr-defined]
+    writer._materialize = frozen
+    e2 = await a.publish("", ["u:ann", "t:x"], "m", 2, "e2")
+    assert e2.streams == (("u:ann", 2), ("t:x", 2))
+    assert await b.tops("", ["u:ann", "t:x"]) == {"u:ann": 2, "t:x": 2}
+    for stream in ("u:ann", "t:x"):
+        assert [e.data for e in await b.history("", stream, 0) or []] == [1, 2]
+    e3 = await b.publish("", ["t:x"], "m", 3, "e3")
+    assert e3.streams == (("t:x", 3),)
+    assert [e.seq_in("t:x") for e in await b.history("", "t:x", 0) or []] == [1, 2, 3]
+    stuck.cancel()
 
 
 async def test_soak_random_reconnects_across_instances(make_hub: HubFactory) -> None:

@@ -18,6 +18,7 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from ...event import Event
 from .layout import (
+    DUPLICATE_WINDOW,
     EXPECT_LAST,
     POS,
     STREAM_NAME_IN_USE,
@@ -58,9 +59,22 @@ class Store:
                 if exc.err_code != STREAM_NAME_IN_USE:
                     raise
                 await self.js.update_stream(config)
-        self.counters = await self.js.create_key_value(
-            bucket=self.names.counters, history=1, direct=True
-        )
+        self.counters = await self._bucket(self.names.counters)
+
+    async def _bucket(self, name: str, ttl: float | None = None) -> Any:
+        """A KV bucket, made if new; an existing one (an earlier version's, or another
+        TTL) is used as it is, with its TTL set to `ttl`."""
+        try:
+            return await self.js.create_key_value(bucket=name, history=1, ttl=ttl)
+        except APIError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
+        config = (await self.js.stream_info("KV_" + name)).config
+        if (config.max_age or None) != ttl:
+            config.max_age = ttl
+            config.duplicate_window = min(DUPLICATE_WINDOW, ttl or DUPLICATE_WINDOW)
+            await self.js.update_stream(config)
+        return await self.js.key_value(name)
 
     async def sync_epoch(self) -> tuple[str, bool]:
         """-> (the shared epoch, whether this call set it).
@@ -197,9 +211,7 @@ class Store:
     async def claim(self, key: str, value: str, ttl: float) -> str | None:
         """Set `key` unless present (the bucket's TTL is the claims' TTL); -> the earlier value."""
         if self._claims is None or self._claims_ttl != ttl:
-            self._claims = await self.js.create_key_value(
-                bucket=self.names.claims, history=1, ttl=ttl if ttl > 0 else None
-            )
+            self._claims = await self._bucket(self.names.claims, ttl if ttl > 0 else None)
             self._claims_ttl = ttl
         try:
             await self._claims.create(key, value.encode())
