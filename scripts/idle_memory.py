@@ -50,7 +50,7 @@ def cpu_s(pid: int) -> float:
 
 
 class Sub(asyncio.Protocol):
-    __slots__ = ("data", "ready", "lost", "transport")
+    __slots__ = ("data", "lost", "ready", "transport")
 
     def __init__(self, ready: asyncio.Future[None]) -> None:
         self.data = b""
@@ -95,7 +95,9 @@ async def open_sub(host: str, port: int, path: str, token: str, source: str) -> 
     return proto
 
 
-def start_server(port: int, secret: str, workdir: Path, cpu: str | None, extra: list[str]) -> subprocess.Popen[bytes]:
+def start_server(
+    port: int, secret: str, workdir: Path, cpu: str | None, extra: list[str], nofile: int | None
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
     env.update(
         TIDINGS_JWT_SECRET=secret,
@@ -111,7 +113,15 @@ def start_server(port: int, secret: str, workdir: Path, cpu: str | None, extra: 
     if cpu is not None:
         cmd = ["taskset", "-c", cpu, *cmd]
     log = (workdir / "server.log").open("ab")
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def limit() -> None:  # the server starts with this soft limit (serve raises it itself)
+        if nofile is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+
+    proc = subprocess.Popen(
+        cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -125,7 +135,7 @@ def start_server(port: int, secret: str, workdir: Path, cpu: str | None, extra: 
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     proc = None
     workdir = Path(tempfile.mkdtemp(prefix="tidings-idle-"))
@@ -137,7 +147,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         host, secret = "127.0.0.1", secrets.token_urlsafe(48)
-        proc = start_server(port, secret, workdir, args.server_cpu, args.env)
+        proc = start_server(port, secret, workdir, args.server_cpu, args.env, args.server_nofile)
         pid = proc.pid  # taskset execs the server: the same pid
     try:
         tokens = [mint_token(secret, f"idle{i}", ttl_s=3600) for i in range(args.n)]
@@ -178,6 +188,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "kb_per_conn": round((rss2 - rss0) / max(len(ready), 1), 2),
             "server_cpu_s_open": round(cpu1 - cpu0, 2),
             "server_cpu_s_hold": round(cpu2 - cpu1, 2),
+            "server_nofile": _nofile(pid),
             "loadavg": os.getloadavg(),
         }
     finally:
@@ -189,6 +200,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 proc.kill()
 
 
+def _nofile(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return "/".join(line.split()[3:5])
+    return "?"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("-n", type=int, default=10000)
@@ -197,6 +215,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=200)
     p.add_argument("--server-cpu", default="0", help="taskset CPU list for the server ('' = none)")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server")
+    p.add_argument("--server-nofile", type=int, help="start the server with this soft fd limit")
     p.add_argument("--url", help="measure a running server instead (needs --secret, --pid)")
     p.add_argument("--secret")
     p.add_argument("--pid", type=int)
