@@ -20,8 +20,9 @@ import pytest
 
 from tidings.bench import nchan
 from tidings.bench.brokers import with_prefix
+from tidings.bench.dial import parse_src_ips
 from tidings.bench.report import Headline, percentile
-from tidings.bench.subscribers import Collector, Stream, WSStream, parse_src_ips
+from tidings.bench.subscribers import Collector, Stream, WSStream
 
 RUN_TIMEOUT = 180.0  # bound on one bench command; never reached when things work
 

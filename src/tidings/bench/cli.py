@@ -24,9 +24,9 @@ import orjson
 
 from . import capacity, cluster, connects, fanout, idle, nchan, publish, throughput
 from .brokers import drop_prefix, fresh, is_shared
+from .dial import Dial, parse_src_ips
 from .report import BenchError, Progress, compare_line, compare_table, emit, print_text
 from .scenario import Context, Result, Spec
-from .subscribers import Dial, parse_src_ips
 from .target import Target, tidings_servers, url_target
 
 __all__ = ["SCENARIOS", "add_parser", "run"]

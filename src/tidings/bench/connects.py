@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+from .dial import close_all, open_subscribers
 from .procstat import Window
 from .report import Headline
 from .scenario import Context, Result, Spec
-from .subscribers import Collector, close_all, open_subscribers
+from .subscribers import Collector
 
 __all__ = ["SPEC"]
 

@@ -14,11 +14,12 @@ import contextlib
 import time
 from collections import Counter
 
+from .dial import close_all, open_subscribers
 from .procstat import Window
 from .publishers import Publisher, accepted, marker
 from .report import Headline, ms, percentile
 from .scenario import Context, Result, Spec
-from .subscribers import Collector, close_all, open_subscribers
+from .subscribers import Collector
 
 __all__ = ["SPEC", "measure"]
 

@@ -23,9 +23,10 @@ from typing import Any
 
 import orjson
 
+from .dial import Dial, close_all, open_subscribers
 from .procstat import harness_cpu_s
 from .report import Progress
-from .subscribers import Collector, Dial, close_all, open_subscribers
+from .subscribers import Collector
 from .target import Target
 
 __all__ = ["main"]

@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .dial import Dial
 from .procstat import ProcTree
 from .report import BenchError, Headline, Progress
-from .subscribers import Dial
 from .target import Target
 
 __all__ = ["Context", "Result", "Servers", "Spec"]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+from .dial import close_all, open_subscribers
 from .procstat import Window
 from .publishers import accepted, flat_out, marker
 from .report import Headline, ms, percentile
 from .scenario import Context, Result, Spec
-from .subscribers import Collector, close_all, open_subscribers
+from .subscribers import Collector
 
 __all__ = ["SPEC", "measure"]
 
