@@ -171,6 +171,22 @@ def test_cluster_reports_the_latency_a_broker_adds(broker: str, port: int) -> No
         assert result[side]["received"] == result[side]["expected"] == 120
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("spread", [["--servers", "2"], ["--workers", "2"]])
+def test_capacity_over_two_processes_on_redis(spread: list[str]) -> None:
+    if not reachable(6379):
+        pytest.skip("nothing listens on 127.0.0.1:6379")
+    code, lines, err = bench(
+        "capacity", "-n", "40", "--hold", "0", "--broker", "redis://127.0.0.1:6379/12", *spread
+    )
+    assert code == 0, err
+    (result,) = lines
+    assert_complete(result, "capacity")
+    assert result["probe_received"] == 40
+    # two instances, or a supervisor and its two workers
+    assert result["server_processes"] == (2 if spread[0] == "--servers" else 3)
+
+
 def test_usage_errors_exit_2() -> None:
     assert bench("cluster", "-n", "1")[0] == 2  # no --broker
     assert bench("cluster", "--broker", "redis://127.0.0.1:6379", "--compare")[0] == 2
