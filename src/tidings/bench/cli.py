@@ -20,12 +20,18 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import orjson
-
 from . import capacity, cluster, connects, fanout, idle, nchan, publish, throughput
 from .brokers import drop_prefix, fresh, is_shared
 from .dial import Dial, parse_src_ips
-from .report import BenchError, Progress, compare_line, compare_table, emit, print_text
+from .report import (
+    BenchError,
+    Progress,
+    compare_line,
+    compare_table,
+    emit,
+    print_text,
+    write_json,
+)
 from .scenario import Context, Result, Spec
 from .target import Target, tidings_servers, url_target
 
@@ -133,7 +139,10 @@ def run(args: argparse.Namespace) -> int:
         _check(args, spec)
         server_cpus, harness_cpus = _pins(args.pin)
         if harness_cpus:
-            os.sched_setaffinity(0, _cpu_set(harness_cpus))
+            try:
+                os.sched_setaffinity(0, _cpu_set(harness_cpus))
+            except OSError as exc:
+                raise BenchError(f"--pin: cannot run on CPUs {harness_cpus}: {exc}") from None
         _raise_fd_limit()
         dial = Dial(args.concurrency, parse_src_ips(args.src_ips), args.retries, args.ready_timeout)
         servers = functools.partial(_servers, progress, args, server_cpus)
@@ -154,11 +163,7 @@ def run(args: argparse.Namespace) -> int:
     line = compare_line(spec.name, headline, ours, theirs)
     print_text(compare_table(line, spec.rows, ours, theirs))
     for value in (ours, theirs, line):
-        text = orjson.dumps(value).decode()
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(text + "\n")
+        write_json(value, args.out)
     return 0 if line["complete"] else 1
 
 
@@ -183,7 +188,7 @@ def _check(args: argparse.Namespace, spec: Spec) -> None:
         raise BenchError(f"{spec.name} has no Nchan counterpart; drop --compare")
     if args.servers > 1 and not is_shared(args.broker or "memory://"):
         raise BenchError("--servers > 1 needs a shared --broker redis://... or nats://...")
-    if spec.name not in ("capacity",) and args.n + SPARE_FDS > _fd_hard():
+    if spec.name != "capacity" and args.n + SPARE_FDS > _fd_hard():
         raise BenchError(
             f"-n {args.n} needs more than the open-file cap {_fd_hard()} allows one process "
             "(the capacity scenario spreads connections over processes)"

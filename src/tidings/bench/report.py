@@ -23,6 +23,7 @@ __all__ = [
     "ms",
     "percentile",
     "table",
+    "write_json",
 ]
 
 
@@ -88,10 +89,13 @@ def ms(ns: float | None) -> float | None:
 
 def emit(result: dict[str, Any], rows: Iterable[tuple[str, str]], out: str | None) -> None:
     """Print one result: its table for people, then its JSON line (also appended to `out`)."""
-    line = orjson.dumps(result).decode()
-    tty = sys.stdout.isatty()
-    text = table(result, rows)
-    print(text, file=sys.stdout if tty else sys.stderr, flush=True)
+    print_text(table(result, rows))
+    write_json(result, out)
+
+
+def write_json(value: dict[str, Any], out: str | None) -> None:
+    """One JSON line on stdout, also appended to the file `out`."""
+    line = orjson.dumps(value).decode()
     print(line, flush=True)
     if out:
         with open(out, "a") as f:

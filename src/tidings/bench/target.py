@@ -204,7 +204,14 @@ def tidings_servers(
             procs.append(_spawn([sys.executable, "-m", "tidings", "serve"], settings, cpus, log))
             wait_http("127.0.0.1", port, "/healthz", procs[-1], log)
             ports.append(port)
-        info = {"broker": broker.split("?")[0], "workers": workers or 1, "instances": count}
+        where = urlsplit(broker)  # no credentials, no query: this goes into the results
+        info = {
+            "broker": f"{where.scheme}://{where.hostname or ''}"
+            + (f":{where.port}" if where.port else "")
+            + where.path,
+            "workers": workers or 1,
+            "instances": count,
+        }
         yield Target(
             "tidings",
             "127.0.0.1",
