@@ -157,7 +157,8 @@ class WSTransport:
                     raise error from None
                 if exc.rcvd is not None and exc.rcvd.code in _SHUTDOWN_CODES:
                     # What the SSE stream says before it ends for the same reason.
-                    yield WSEvent("shutdown", encode_data({"reason": exc.rcvd.reason}))
+                    reason = exc.rcvd.reason or "server shutting down"
+                    yield WSEvent("shutdown", encode_data({"reason": reason}))
                 return
             try:
                 message: Any = orjson.loads(raw)
