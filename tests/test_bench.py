@@ -137,11 +137,15 @@ def test_compare_against_nchan(scenario: str) -> None:
 
 @pytest.mark.skipif(NCHAN_MISSING is not None, reason=f"no Nchan: {NCHAN_MISSING}")
 def test_compare_fanout_over_websocket_uses_nchan_sse_and_the_ws_bound() -> None:
-    code, lines, err = bench("fanout", *TINY["fanout"], "--transport", "ws", "--compare")
+    code, lines, err = bench(
+        "fanout", *TINY["fanout"], "--transport", "ws", "--compare", "--rounds", "2"
+    )
     assert code == 0, err
-    ours, theirs, verdict = lines
-    assert (ours["transport"], theirs["transport"]) == ("ws", "sse")
-    assert verdict["bound"] == "≤ 1.2"
+    *runs, verdict = lines
+    assert [r["target"] for r in runs] == ["tidings", "nchan", "tidings", "nchan"]
+    assert [r["transport"] for r in runs] == ["ws", "sse", "ws", "sse"]
+    assert verdict["bound"] == "≤ 1.2" and verdict["rounds"] == 2 and len(verdict["ratios"]) == 2
+    assert "ratio per round" in err
 
 
 def reachable(port: int) -> bool:

@@ -110,7 +110,12 @@ def add_parser(commands: Any) -> None:
     w.add_argument("--transport", choices=["sse", "ws"], default="sse")
     w.add_argument("--topic", default="", help="topic (default: a fresh one per run)")
     w.add_argument("--tenant", default="", help="tenant (default: the default tenant)")
-    w.add_argument("--rounds", type=int, default=1, help="cluster: alternating rounds")
+    w.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="cluster and --compare: alternating rounds; the verdict takes medians",
+    )
     w.add_argument("--settle", type=float, default=1.0, help="pause after subscribing, s")
     w.add_argument("--grace", type=float, default=10.0, help="max wait for late deliveries, s")
     d = p.add_argument_group("connections")
@@ -161,9 +166,11 @@ def run(args: argparse.Namespace) -> int:
     if args.transport == "ws":
         headline = dataclasses.replace(headline, bound=WS_BOUND if spec.name == "fanout" else None)
     line = compare_line(spec.name, headline, ours, theirs)
-    print_text(compare_table(line, spec.rows, ours, theirs))
-    for value in (ours, theirs, line):
-        write_json(value, args.out)
+    print_text(compare_table(line, spec.rows, ours[-1], theirs[-1]))
+    for mine, peer in zip(ours, theirs, strict=True):
+        write_json(mine, args.out)
+        write_json(peer, args.out)
+    write_json(line, args.out)
     return 0 if line["complete"] else 1
 
 
@@ -255,17 +262,20 @@ def _ours(ctx: Context, spec: Spec) -> Iterator[Target | None]:
             yield target
 
 
-def _compare(ctx: Context, spec: Spec, cpus: str | None) -> tuple[Result, Result]:
-    """The scenario against tidings, then against a fresh Nchan (always over SSE)."""
-    with _ours(ctx, spec) as target:
-        assert target is not None
-        ours = _bounded(spec, ctx.on(target))
+def _compare(ctx: Context, spec: Spec, cpus: str | None) -> tuple[list[Result], list[Result]]:
+    """--rounds alternating runs against fresh tidings and fresh Nchan (always over SSE)."""
     nchan_args = argparse.Namespace(**{**vars(ctx.args), "transport": "sse"})
     their_ctx = dataclasses.replace(ctx, args=nchan_args)
-    with nchan.nchan_server(
-        ctx.progress, cpus=cpus, nginx=ctx.args.nginx, module=ctx.args.nchan_module
-    ) as peer:
-        theirs = _bounded(spec, their_ctx.on(peer))
+    ours: list[Result] = []
+    theirs: list[Result] = []
+    for _ in range(ctx.args.rounds):
+        with _ours(ctx, spec) as target:
+            assert target is not None
+            ours.append(_bounded(spec, ctx.on(target)))
+        with nchan.nchan_server(
+            ctx.progress, cpus=cpus, nginx=ctx.args.nginx, module=ctx.args.nchan_module
+        ) as peer:
+            theirs.append(_bounded(spec, their_ctx.on(peer)))
     return ours, theirs
 
 

@@ -6,6 +6,7 @@ stderr; on a terminal the table goes to stdout before its JSON line.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -111,23 +112,34 @@ def table(result: dict[str, Any], rows: Iterable[tuple[str, str]]) -> str:
 
 
 def compare_line(
-    scenario: str, headline: Headline, ours: dict[str, Any], nchan: dict[str, Any]
+    scenario: str, headline: Headline, ours: list[dict[str, Any]], nchan: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """The comparison of one scenario run against both servers."""
-    a, b = ours.get(headline.field), nchan.get(headline.field)
-    ratio = headline.ratio(a, b)
-    return {
+    """The comparison of R rounds of one scenario against both servers: medians of the
+    headline number and of the per-round ratios."""
+    a = [r.get(headline.field) for r in ours]
+    b = [r.get(headline.field) for r in nchan]
+    ratios = [headline.ratio(x, y) for x, y in zip(a, b, strict=True)]
+    ratio = _median([r for r in ratios if r is not None])
+    line: dict[str, Any] = {
         "scenario": f"{scenario}-compare",
         "metric": headline.field,
-        "tidings": a,
-        "nchan": b,
+        "tidings": _median([x for x in a if x is not None]),
+        "nchan": _median([y for y in b if y is not None]),
         "ratio": ratio,
         "bound": None
         if headline.bound is None
         else ("≥ " if headline.higher_is_better else "≤ ") + f"{headline.bound}",
         "met": headline.met(ratio),
-        "complete": bool(ours.get("complete")) and bool(nchan.get("complete")),
+        "complete": all(bool(r.get("complete")) for r in ours + nchan),
     }
+    if len(ours) > 1:
+        line["rounds"] = len(ours)
+        line["ratios"] = ratios
+    return line
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
 
 
 def compare_table(
@@ -148,6 +160,10 @@ def compare_table(
     out += [f"  {a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in cells]
     verdict = {True: "met", False: "NOT met", None: ""}[line["met"]]
     bound = f" (bound {line['bound']}: {verdict})" if line["bound"] else ""
+    if "ratios" in line:
+        out[0] += f" (the last of {line['rounds']} rounds)"
+        out.append("  ratio per round: " + ", ".join(_cell(r) for r in line["ratios"]))
+        bound = " (median)" + bound
     out.append(f"  ratio of {line['metric']}: {_cell(line['ratio'])}{bound}")
     return "\n".join(out)
 
