@@ -202,6 +202,17 @@ async def test_in_process_presence_spans_hubs(broker_url: str) -> None:
         await until(lambda: _eq(b.presence.users("acme"), ["bob"]), "ann gone")
 
 
+async def test_a_restarted_hub_writes_its_presence_again(broker_url: str) -> None:
+    settings = Settings(broker_url=broker_url, presence_interval=0.1, presence_ttl=1)
+    async with Hub(settings) as a, Hub(settings) as b:
+        await attach(a, "ann")
+        await until(lambda: _eq(b.presence.users(), ["ann"]), "ann from b")
+        await a.stop()  # removes a's record at once…
+        await until(lambda: _eq(b.presence.users(), []), "a's record removed")
+        await a.start()  # …and a start writes it all again (the connection is still there)
+        await until(lambda: _eq(b.presence.users(), ["ann"]), "ann again")
+
+
 async def _eq(value: Awaitable[Any], expected: Any) -> bool:
     return bool(await value == expected)
 

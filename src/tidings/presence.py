@@ -213,6 +213,7 @@ class Presence:
             return
         self.broker.touched = set()
         self._stopping = False
+        self._full = True  # a restarted hub: the store may hold anything of ours, or nothing
         await self.store.open()
         try:
             await self.flush()

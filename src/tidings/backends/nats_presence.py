@@ -175,6 +175,7 @@ class NatsPresence:
         log.debug("nats (presence): %s", exc)
 
     async def close(self) -> None:
+        self._live = self._data = self._rev = None  # bound to this connection
         nc, self._nc = self._nc, None
         if nc is not None:
             with contextlib.suppress(Exception):
