@@ -199,6 +199,30 @@ async def test_history_written_by_whoever_finds_it_missing(make_backend: Backend
     stuck.cancel()
 
 
+async def test_fan_out_that_missed_commits_catches_up_from_history(
+    make_hub: HubFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Commits gone before an instance read them (the commits stream keeps the last
+    1000 per tenant): it notices the broken chain and catches up from history."""
+    a, b = await make_hub(), await make_hub()
+    ann = redis_tests.Client(b, "ann")
+    await ann.open()
+    await a.send_to_user("ann", "before")
+    await ann.wait_for(1)
+    await redis_tests.cut_fanout(b)
+    for i in range(3):
+        await a.send_to_user("ann", i)
+    store: Any = a.backend._store  # type: ignore[attr-defined]
+    last = await store.last_commit("")
+    assert last is not None
+    await store.js.delete_msg(store.names.commits, last[1])  # as trimming would
+    with caplog.at_level("WARNING", logger="tidings.backends.nats"):
+        await redis_tests.restore_fanout(b)
+        assert await redis_tests.marker(ann, a, users=["ann"]) == ["before", 0, 1, 2]
+    assert "fan-out missed commits" in caplog.text
+    assert ann.conn.closed is None
+
+
 async def test_soak_random_reconnects_across_instances(make_hub: HubFactory) -> None:
     await redis_tests.test_soak_random_reconnects_across_instances(make_hub)
 

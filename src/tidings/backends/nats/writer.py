@@ -136,6 +136,7 @@ class Writer:
             prev = view.seq
             tops = await self.views.positions(tenant, view, streams)
             if view.seq != prev:
+                _check_deadline(deadline)
                 continue  # a commit arrived while we read: number from it
             events, parts = [], []
             for p in batch:
@@ -149,8 +150,7 @@ class Writer:
             try:
                 seq = await self.store.commit(tenant, commit_body(tenant, prev, parts), prev)
             except Conflict:
-                if time.monotonic() > deadline:
-                    raise BackendUnavailable("too much contention on one tenant; retry") from None
+                _check_deadline(deadline)
                 view = await self.views.reload(tenant)
                 continue
             self.views.apply(tenant, seq, prev, events)
@@ -217,6 +217,11 @@ class Writer:
             headers = {MSG_ID: f"{seq}.{first}.n{k}"}
             messages.append((names.counter_subject(tenant, stream), body, headers))
         await self.store.write_all(messages)
+
+
+def _check_deadline(deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise BackendUnavailable("too much contention on one tenant; retry")
 
 
 def _take(queue: deque[_Pending]) -> list[_Pending]:
