@@ -344,13 +344,14 @@ class Inbox:
 
         async def read(conn: AsyncConnection) -> dict[tuple[str, str], int]:
             counts: dict[tuple[str, str], int] = {}
-            rows: Iterable[Any]
+            rows: list[tuple[str, int]]
             for tenant, users in by_tenant.items():
                 if sqlite_driver:
                     driver = (await conn.get_raw_connection()).driver_connection
                     rows = await _sqlite_unread_counts(driver, tenant, users)
                 else:
-                    rows = (await conn.exec_driver_sql(_PG_UNREAD, (tenant, users))).all()
+                    result = await conn.exec_driver_sql(_PG_UNREAD, (tenant, users))
+                    rows = cast(list[tuple[str, int]], result.all())
                 counts.update(((tenant, user), count) for user, count in rows)
             return counts
 
@@ -476,12 +477,15 @@ def _sqlite_unread(size: int) -> str:
     return sql
 
 
-async def _sqlite_unread_counts(driver: Any, tenant: str, users: list[str]) -> list[Any]:
+async def _sqlite_unread_counts(
+    driver: Any, tenant: str, users: list[str]
+) -> list[tuple[str, int]]:
     """Unread counts of `users` through an aiosqlite connection: one call on its thread."""
     size = 1 << (len(users) - 1).bit_length()
     padded = users + users[-1:] * (size - len(users))  # a repeated name counts once
     try:
-        rows: list[Any] = await driver.execute_fetchall(_sqlite_unread(size), (tenant, *padded))
+        sql = _sqlite_unread(size)
+        rows: list[tuple[str, int]] = await driver.execute_fetchall(sql, (tenant, *padded))
     except sqlite3.OperationalError as exc:  # what SQLAlchemy would wrap as OperationalError
         raise BackendUnavailable(f"the inbox database does not answer: {exc}") from exc
     return rows
