@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from random import getrandbits as _random_bits
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -56,8 +56,9 @@ _EVENT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVW
 
 
 def new_event_id() -> str:
-    """Time-ordered, unique: 12 hex digits of milliseconds + 10 random."""
-    return f"{int(time.time() * 1000):012x}{os.urandom(5).hex()}"
+    """Time-ordered, unique: 12 hex digits of milliseconds + 10 random (`random`, seeded
+    from the OS and reseeded in a forked child; no system call per id)."""
+    return f"{int(time.time() * 1000):012x}{_random_bits(40):010x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,8 +243,10 @@ class Hub:
 
     # -- publishing -----------------------------------------------------------
 
-    async def publish_message(self, message: Message) -> str:
-        """Publish one validated message; returns its event id (the first one, on a retry)."""
+    async def publish_message(self, message: Message, *, pause: bool = True) -> str:
+        """Publish one validated message; returns its event id (the first one, on a retry).
+
+        `pause`: see `emit`; one publish per HTTP request needs none."""
         event_id = new_event_id()
         claim = None
         if message.idempotency_key is not None:
@@ -253,7 +256,12 @@ class Hub:
                 return earlier
         try:
             await self.emit(
-                message.tenant, message.streams(), message.event, message.data, event_id=event_id
+                message.tenant,
+                message.streams(),
+                message.event,
+                message.data,
+                event_id=event_id,
+                pause=pause,
             )
         except BaseException:
             if claim is not None:
@@ -270,19 +278,28 @@ class Hub:
         *,
         kind: str = EVENT,
         event_id: str | None = None,
+        pause: bool = True,
     ) -> Event:
         """Publish on raw stream names, unchecked: the building block of the methods above
-        and of the inbox's pushes (``kind`` NOTIFICATION or SYNC)."""
+        and of the inbox's pushes (``kind`` NOTIFICATION or SYNC).
+
+        `pause` lets connection pumps drain before the caller publishes again, so a tight
+        loop of publishes (a batch, an app's for-loop) does not fill a prompt reader's
+        buffer on transports that write from a task. A caller that publishes once and
+        then answers a request passes False: its answer yields to the loop anyway.
+        """
         event = await self.backend.publish(
             tenant, streams, name, data, event_id or new_event_id(), kind
         )
-        # Let connection pumps drain before the caller publishes again, so a
-        # tight loop of publishes (a batch, an app's for-loop) does not fill a
-        # prompt reader's buffer on transports that write from a task.
-        await asyncio.sleep(0)
+        if pause:
+            await asyncio.sleep(0)
         if kind != CONTROL:
-            self.broker.stats.published += 1
-            self.broker.tenant_counts.setdefault(tenant, TenantCounts()).published += 1
+            broker = self.broker
+            broker.stats.published += 1
+            counts = broker.tenant_counts.get(tenant)
+            if counts is None:
+                counts = broker.tenant_counts[tenant] = TenantCounts()
+            counts.published += 1
         return event
 
     async def publish(

@@ -68,6 +68,9 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.publishes_accepted = self.publish_requests.labels(
+            "accepted"
+        )  # the hot one, looked up once
         self.backend_errors = Counter(
             "tidings_backend_errors", "Failed backend operations.", registry=self.registry
         )

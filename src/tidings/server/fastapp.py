@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
 
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 from uvicorn.config import Config
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -80,6 +81,11 @@ class FastPath:
         self.app_state: dict[str, Any] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stack: ASGIApp = self.open_stream
+        # Publish requests are served here only when the app's middleware is at most
+        # CORS (which leaves requests without an Origin header alone): server/fastpublish.py.
+        self.publishes = all(getattr(m, "cls", None) is CORSMiddleware for m in app.user_middleware)
+        self.max_payload = self.state.settings.max_payload
+        self.keep_alive_s = 5.0  # uvicorn's timeout_keep_alive, from the config
 
     def bind(
         self,
@@ -94,6 +100,7 @@ class FastPath:
         self.server_state = server_state
         self.app_state = app_state
         self.loop = loop or asyncio.get_event_loop()
+        self.keep_alive_s = float(config.timeout_keep_alive)
         stack: Any = self.open_stream
         for cls, args, kwargs in reversed(self.app.user_middleware):
             stack = cls(stack, *args, **kwargs)

@@ -3,7 +3,9 @@
 Nothing here touches a socket, so every rule is tested bytes in, values out.
 `httptools` (llhttp, the parser uvicorn uses) does the parsing; this module
 only decides what the fast path may take itself: a complete, bodiless
-HTTP/1.1 ``GET`` on a stream path. Everything else is handed to uvicorn.
+HTTP/1.1 ``GET`` on a stream path, or an HTTP/1.1 request with a plain
+``Content-Length`` body (`body_length`; which ones: `server/fastpublish.py`).
+Everything else is handed to uvicorn.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class HeadError(ValueError):
     """The bytes are not a well-formed HTTP/1.x request head."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to build, once per request
 class RequestHead:
     """One parsed request head; header names are lower-case bytes, as in an ASGI scope."""
 
@@ -84,13 +86,18 @@ def head_end(buffer: bytes) -> int:
 
 
 def may_be_stream(buffer: bytes, paths: Collection[bytes]) -> bool:
-    """Whether `buffer`, the start of a request, may still become ``GET <stream path>``.
+    """Whether `buffer`, the start of a request, may still become ``GET <stream path>``."""
+    return may_be_request(buffer, [_GET + path for path in paths])
+
+
+def may_be_request(buffer: bytes, lines: Collection[bytes]) -> bool:
+    """Whether `buffer`, the start of a request, may still become one of `lines`
+    (``METHOD /path``), followed by a query or the HTTP version.
 
     Lets every other request go to uvicorn at its first bytes, before its head is
     complete (a POST waiting for ``100 Continue`` must not wait for us).
     """
-    for path in paths:
-        line = _GET + path
+    for line in lines:
         if len(buffer) <= len(line):
             if line.startswith(buffer):
                 return True
@@ -140,12 +147,34 @@ def is_stream(head: RequestHead, paths: Collection[str]) -> bool:
     )
 
 
+def body_length(head: RequestHead) -> int | None:
+    """The length of the body after `head` when it is a plain one (one ``Content-Length``
+    of digits, no ``Transfer-Encoding``, no ``Expect``, not an upgrade, HTTP/1.1), else None."""
+    if head.version != "1.1" or head.upgrade:
+        return None
+    length = None
+    for name, value in head.headers:
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+        elif name == b"transfer-encoding" or name == b"expect":
+            return None
+    return length
+
+
 def status_line(status: int) -> bytes:
-    try:
-        phrase = http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        phrase = b""
-    return b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = http.HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b""
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+    return line
+
+
+_STATUS_LINES: dict[int, bytes] = {}
 
 
 def response_head(
@@ -169,6 +198,38 @@ def response_head(
         lines.append(b"connection: close\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def json_response(
+    status: int,
+    body: bytes,
+    defaults: Iterable[tuple[bytes, bytes]] = (),
+    *,
+    close: bool = False,
+) -> bytes:
+    """A whole ``application/json`` response with `body`, its head as uvicorn writes
+    Starlette's `JSONResponse` without headers of its own: length, then type."""
+    return b"%s%scontent-length: %d\r\ncontent-type: application/json\r\n%s\r\n%s" % (
+        status_line(status),
+        header_lines(defaults),
+        len(body),
+        b"connection: close\r\n" if close else b"",
+        body,
+    )
+
+
+def header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """``name: value`` lines; the last list given is remembered (uvicorn's default
+    headers change once a second, and every response of that second shares them)."""
+    global _last_headers, _last_lines
+    if headers is not _last_headers:
+        _last_lines = b"".join([b"%s: %s\r\n" % (k, v) for k, v in headers])
+        _last_headers = headers
+    return _last_lines
+
+
+_last_headers: object = None
+_last_lines = b""
 
 
 def chunk(data: bytes) -> bytes:

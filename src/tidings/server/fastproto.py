@@ -1,7 +1,8 @@
 """The fast path's socket: one asyncio protocol per client connection.
 
-It reads the request head; a stream request (`fasthttp.is_stream`) is served here,
-anything else is handed, with the bytes read so far, to uvicorn's `HttpToolsProtocol`.
+It reads the request head; a stream request (`fasthttp.is_stream`) or a publish request
+(`fastpublish.takes`) is served here, anything else is handed, with the bytes read so
+far, to uvicorn's `HttpToolsProtocol`.
 A stream's checks and attach run as one task (`FastPath.stack`); then the response
 head, ``retry:``, the ``welcome`` and any ``reset`` leave in one write and fan-out
 writes straight to the socket (``conn.direct = transport.write``): no task, no timer
@@ -11,6 +12,11 @@ Back-pressure: while the transport's write buffer is over its high-water mark
 (`pause_writing`) the connection has no `direct` writer, so frames go to its bounded
 buffer and an overflow closes it as SLOW (the client resumes from history with its
 cursor); `resume_writing` flushes the buffer and restores `direct`.
+
+Publish requests: the head and the whole body are read, one task answers (`_publish`),
+and the connection reads its next request (keep-alive; pipelined requests wait in the
+read buffer, and reading pauses while the answers are not read). An idle keep-alive
+connection closes after uvicorn's ``timeout_keep_alive``, as on uvicorn's protocol.
 
 Shutdown: `_Server.shutdown` (run.py) closes every connection with SHUTDOWN first;
 this protocol then writes ``retry: 1000`` and the ``shutdown`` event, ends the chunked
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any, ClassVar, cast
 
 from uvicorn.config import Config
@@ -39,22 +46,24 @@ from .fasthttp import (
     RequestHead,
     head_end,
     is_stream,
-    may_be_stream,
+    may_be_request,
     parse_head,
     response_head,
 )
+from .fastpublish import REQUEST_LINE, Answer, answer, takes
 from .fastwriter import SHUTDOWN_TAIL, ChunkedSSEConnection
 
 log = logging.getLogger("tidings.fastpath")
 
 STREAM_PATHS = frozenset(SSE_PATHS)
-_STREAM_PATHS_B = tuple(p.encode() for p in SSE_PATHS)
+_REQUEST_LINES = (*(b"GET " + p.encode() for p in SSE_PATHS), REQUEST_LINE)
 
 # Phases of a FastProtocol.
 _HEAD = 0  # reading a request head
 _SETUP = 1  # checks and attach running
 _LIVE = 2  # streaming
 _GONE = 3  # closed, or handed to uvicorn
+_BUSY = 4  # answering a publish request
 
 
 class FastProtocol(asyncio.Protocol):
@@ -62,7 +71,17 @@ class FastProtocol(asyncio.Protocol):
 
     fast: ClassVar[FastPath]
 
-    __slots__ = ("_buffer", "_paused", "_stopping", "conn", "phase", "transport")
+    __slots__ = (
+        "_answered",
+        "_buffer",
+        "_idle",
+        "_need",
+        "_paused",
+        "_stopping",
+        "conn",
+        "phase",
+        "transport",
+    )
 
     def __init__(
         self,
@@ -78,6 +97,9 @@ class FastProtocol(asyncio.Protocol):
         self._buffer = b""
         self._paused = False
         self._stopping = False
+        self._need = 0  # bytes the buffer must hold before the request is looked at again
+        self._idle: asyncio.TimerHandle | None = None  # the keep-alive timeout, once answered
+        self._answered = 0.0  # loop time of the last answer
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -86,10 +108,17 @@ class FastProtocol(asyncio.Protocol):
         self.fast.server_state.connections.add(self)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        if self.phase == _HEAD:
+        phase = self.phase
+        if phase == _HEAD:
             self._buffer += data
-            self._read_head()
-        elif self.phase == _SETUP:
+            if len(self._buffer) >= self._need:
+                self._read_head()
+        elif phase == _BUSY:
+            # Pipelined requests behind a publish: read once it is answered.
+            self._buffer += data
+            if len(self._buffer) > MAX_HEAD and self.transport is not None:
+                self.transport.pause_reading()
+        elif phase == _SETUP:
             # A pipelined request behind the stream request: kept for after an error answer.
             self._buffer += data
             if len(self._buffer) > MAX_HEAD and self.transport is not None:
@@ -104,6 +133,7 @@ class FastProtocol(asyncio.Protocol):
         self.phase = _GONE
         self.transport = None
         self._buffer = b""
+        self._stop_idle()
         conn = self.conn
         if conn is not None:
             self.conn = None
@@ -122,6 +152,9 @@ class FastProtocol(asyncio.Protocol):
         self._paused = False
         conn = self.conn
         transport = self.transport
+        if self.phase == _HEAD and transport is not None:
+            self._next_request()  # answers were written: read the next request
+            return
         if conn is None or transport is None or self.phase != _LIVE or conn.closed is not None:
             return
         unsent = self._unsent()
@@ -140,7 +173,7 @@ class FastProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         if self.phase == _HEAD and self.transport is not None:
             self.transport.close()
-        elif self.phase == _SETUP:
+        elif self.phase == _SETUP or self.phase == _BUSY:
             self._stopping = True
         elif self.conn is not None:
             self.conn.close(CloseReason.SHUTDOWN)
@@ -149,7 +182,7 @@ class FastProtocol(asyncio.Protocol):
 
     def _read_head(self) -> None:
         buffer = self._buffer
-        if not may_be_stream(buffer[:64], _STREAM_PATHS_B):
+        if not may_be_request(buffer[:64], _REQUEST_LINES):
             self._hand_off()
             return
         end = head_end(buffer)
@@ -162,13 +195,27 @@ class FastProtocol(asyncio.Protocol):
         except HeadError:
             self._hand_off()  # uvicorn answers it (400) as it always has
             return
-        if not is_stream(head, STREAM_PATHS) or self.fast.config is None:
+        fast = self.fast
+        if fast.config is None:
             self._hand_off()
-            return
-        self._buffer = buffer[end:]
-        self.phase = _SETUP
+        elif is_stream(head, STREAM_PATHS):
+            self._buffer = buffer[end:]
+            self.phase = _SETUP
+            self._start(self._setup(head))
+        elif fast.publishes and (length := takes(head, fast.max_payload)) is not None:
+            if len(buffer) < end + length:
+                self._need = end + length  # the body is on its way
+                return
+            self._need = 0
+            self._buffer = buffer[end + length :]
+            self.phase = _BUSY
+            self._start(self._publish(head, buffer[end : end + length]))
+        else:
+            self._hand_off()
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
         loop = self.fast.loop or asyncio.get_event_loop()
-        task = loop.create_task(self._setup(head))
+        task = loop.create_task(coro)
         tasks = self.fast.server_state.tasks
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -180,8 +227,12 @@ class FastProtocol(asyncio.Protocol):
         self.phase = _GONE
         self.transport = None
         self._buffer = b""
+        self._need = 0
+        self._stop_idle()
         if transport is None or transport.is_closing():
             return
+        if not transport.is_reading():
+            transport.resume_reading()  # paused behind a publish answer; uvicorn reads on
         proto = self.fast.uvicorn_protocol()
         proto.connection_made(transport)
         transport.set_protocol(proto)
@@ -270,8 +321,58 @@ class FastProtocol(asyncio.Protocol):
             transport.close()
             return
         self.phase = _HEAD
+        self._next_request()
+
+    # -- a publish request ---------------------------------------------------------------
+
+    async def _publish(self, head: RequestHead, body: bytes) -> None:
+        result: Answer = await answer(self.fast.state, head, body)
+        transport = self.transport
+        if self.phase != _BUSY or transport is None:
+            return  # the client left; connection_lost cleaned up
+        close = result.fatal or not head.keep_alive or self._stopping
+        transport.write(result.render(self.fast.server_state.default_headers, close))
+        if close:
+            transport.close()
+            return
+        self.phase = _HEAD
+        self._next_request()
+
+    # -- keep-alive ----------------------------------------------------------------------
+
+    def _next_request(self) -> None:
+        """After an answer: arm the keep-alive timeout, read a pipelined request, or pause
+        reading while the client does not read the answers."""
+        transport = self.transport
+        assert transport is not None
+        loop = self.fast.loop
+        if loop is not None:
+            self._answered = loop.time()
+            if self._idle is None:
+                self._idle = loop.call_later(self.fast.keep_alive_s, self._idle_check)
+        if self._paused:
+            transport.pause_reading()  # resume_writing comes back here
+            return
+        if not transport.is_reading():
+            transport.resume_reading()
         if self._buffer:
             self._read_head()
+
+    def _idle_check(self) -> None:
+        self._idle = None
+        transport, loop = self.transport, self.fast.loop
+        if self.phase != _HEAD or self._buffer or transport is None or loop is None:
+            return  # a request is on its way or being answered; its answer re-arms this
+        left = self._answered + self.fast.keep_alive_s - loop.time()
+        if left > 0:
+            self._idle = loop.call_later(left, self._idle_check)
+        else:
+            transport.close()
+
+    def _stop_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
 
     def _closed(self, reason: CloseReason) -> None:
         """`conn.close()` was called (overflow, shutdown, disconnect, timeout)."""

@@ -37,9 +37,10 @@ def state(conn: HTTPConnection) -> State:
     return found
 
 
-async def principal(conn: HTTPConnection) -> Principal:
-    """The caller's identity (JWT, API key, or the app's own authenticator)."""
-    st = state(conn)
+async def principal(conn: HTTPConnection, st: State | None = None) -> Principal:
+    """The caller's identity (JWT, API key, or the app's own authenticator); `st` is
+    `state(conn)`, which a caller that has it passes (the fast path's `conn` has no app)."""
+    st = st or state(conn)
     try:
         return await st.authenticator.authenticate(conn.headers, conn.query_params, conn.cookies)
     except Unauthorized as exc:
@@ -60,8 +61,8 @@ def client_ip(conn: HTTPConnection) -> str:
     return conn.client.host if conn.client else "?"
 
 
-async def server_or_user(conn: HTTPConnection) -> Principal:
-    who = await principal(conn)
+async def server_or_user(conn: HTTPConnection, st: State | None = None) -> Principal:
+    who = await principal(conn, st)
     if not who.user_id and not who.is_server:
         raise Unauthorized("missing credential")
     return who
@@ -69,18 +70,30 @@ async def server_or_user(conn: HTTPConnection) -> Principal:
 
 async def json_body(request: Request) -> Any:
     """The request body as JSON, refusing more than TIDINGS_MAX_PAYLOAD bytes."""
-    limit = state(request).settings.max_payload
+    return decode_json(await read_body(request, state(request).settings.max_payload))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; PayloadTooLarge past `limit` bytes (declared or sent)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is over {limit} bytes (TIDINGS_MAX_PAYLOAD)")
+        raise too_large(limit)
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"the body is over {limit} bytes (TIDINGS_MAX_PAYLOAD)")
+            raise too_large(limit)
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the body is over {limit} bytes (TIDINGS_MAX_PAYLOAD)")
+
+
+def decode_json(raw: bytes) -> Any:
+    """A request body as JSON: InvalidRequest when empty or malformed."""
     if not raw.strip():
         raise InvalidRequest("the body is empty; send a JSON object")
     try:

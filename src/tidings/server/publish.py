@@ -1,16 +1,23 @@
-"""`POST /api/v1/publish` and `/api/v1/publish/batch` (API.md §6)."""
+"""`POST /api/v1/publish` and `/api/v1/publish/batch` (API.md §6).
+
+`publish_one` is the whole of a single publish after routing, on the ASGI route here
+and on the fast path (`server/fastpublish.py`) alike, so the two cannot answer
+differently: credential, body, message, rights, rate limit, the hub, the counters.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.routing import Route
 
 from ..errors import InvalidRequest, RateLimited, TidingsError
 from ..hub import Hub, Message, authorize, parse_message
-from .http import JSONResponse, json_body, server_or_user, state
+from .http import JSONResponse, decode_json, json_body, read_body, server_or_user, state
+from .state import State
 
 log = logging.getLogger("tidings.publish")
 
@@ -18,29 +25,43 @@ MAX_BATCH = 1000
 
 
 async def publish(request: Request) -> JSONResponse:
-    counter = state(request).metrics.publish_requests
-    try:
-        who = await server_or_user(request)
-        body = await json_body(request)
-        message = _message(body, who.is_server, who.tenant)
-        authorize(message, who)
-        rate_limit(request, message.tenant)
-        hub = await _running_hub(request)
-        event_id = await hub.publish_message(message)
-    except TidingsError as exc:
-        counter.labels(exc.code).inc()
-        raise
-    counter.labels("accepted").inc()
-    log.debug(
-        "publish %s tenant=%r users=%d topics=%d broadcast=%s event=%s",
-        event_id,
-        message.tenant,
-        len(message.users),
-        len(message.topics),
-        message.broadcast,
-        message.event,
-    )
+    st = state(request)
+    event_id = await publish_one(st, request, lambda: read_body(request, st.settings.max_payload))
     return JSONResponse({"id": event_id}, status_code=202)
+
+
+async def publish_one(st: State, conn: HTTPConnection, body: Callable[[], Awaitable[bytes]]) -> str:
+    """Publish the request's message; its event id, or a TidingsError to answer.
+
+    `conn` gives the credential (headers, query, cookies), `body()` the raw body within
+    TIDINGS_MAX_PAYLOAD; it is read after the credential is checked.
+    """
+    counters = st.metrics.publish_requests
+    try:
+        who = await server_or_user(conn, st)
+        message = _message(decode_json(await body()), who.is_server, who.tenant)
+        authorize(message, who)
+        limit_publishes(st, message.tenant)
+        hub = st.hub
+        if not hub.running:
+            await hub.start()
+        # One request, one publish: nothing to pause for (see Hub.emit).
+        event_id = await hub.publish_message(message, pause=False)
+    except TidingsError as exc:
+        counters.labels(exc.code).inc()
+        raise
+    st.metrics.publishes_accepted.inc()
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "publish %s tenant=%r users=%d topics=%d broadcast=%s event=%s",
+            event_id,
+            message.tenant,
+            len(message.users),
+            len(message.topics),
+            message.broadcast,
+            message.event,
+        )
+    return event_id
 
 
 async def publish_batch(request: Request) -> JSONResponse:
@@ -64,12 +85,17 @@ async def publish_batch(request: Request) -> JSONResponse:
     hub = await _running_hub(request)
     ids = [await hub.publish_message(m) for m in messages]
     log.debug("publish batch of %d: %s … %s", len(ids), ids[0], ids[-1])
-    state(request).metrics.publish_requests.labels("accepted").inc()
+    state(request).metrics.publishes_accepted.inc()
     return JSONResponse({"ids": ids}, status_code=202)
 
 
 def rate_limit(request: Request, tenant: str) -> None:
-    wait = state(request).publish_limit.retry_after("tenant\x1f" + tenant)
+    limit_publishes(state(request), tenant)
+
+
+def limit_publishes(st: State, tenant: str) -> None:
+    """RateLimited when `tenant` is over TIDINGS_PUBLISH_RATE."""
+    wait = st.publish_limit.retry_after("tenant\x1f" + tenant)
     if wait is not None:
         raise RateLimited("publish rate limit reached for this tenant", retry_after=wait)
 

@@ -1,0 +1,80 @@
+"""Publish requests on the fast path: ``POST /api/v1/publish`` without the ASGI stack.
+
+`FastProtocol` serves a publish request itself when `takes` says so: HTTP/1.1, a plain
+``Content-Length`` body within TIDINGS_MAX_PAYLOAD, no ``Expect``, no ``Origin`` (CORS
+is the app's middleware's business). It reads the whole body, then `answer` runs
+`publish.publish_one`, the very function the ASGI route runs, and renders its outcome
+as uvicorn writes the route's: ``202 {"id"}``, or the error's JSON body with its status
+and headers (`http.error_response`: ``Retry-After``, ``WWW-Authenticate``). Anything
+else (a body over the limit, chunked, other paths and methods) is handed to uvicorn
+with the bytes read so far, and the ASGI app answers it as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import orjson
+from starlette.requests import HTTPConnection
+
+from ..errors import TidingsError
+from .fastapp import INTERNAL
+from .fasthttp import RequestHead, body_length, json_response, response_head
+from .http import error_response
+from .publish import publish_one
+from .state import State
+
+log = logging.getLogger("tidings.fastpath")
+
+PUBLISH_PATH = "/api/v1/publish"
+REQUEST_LINE = b"POST " + PUBLISH_PATH.encode()
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def takes(head: RequestHead, limit: int) -> int | None:
+    """The body length of a publish request the fast path serves, else None."""
+    if head.method != "POST" or head.path != PUBLISH_PATH:
+        return None
+    length = body_length(head)
+    if length is None or length > limit or head.header(b"origin") is not None:
+        return None
+    return length
+
+
+@dataclass(slots=True)
+class Answer:
+    """The outcome of one request; `render` gives the bytes uvicorn would write."""
+
+    status: int
+    body: bytes
+    headers: Headers | None = None  # an error's, from its JSONResponse; None: 202's own
+    fatal: bool = False  # an unexpected error: uvicorn closes the connection after it
+
+    def render(self, defaults: Headers, close: bool) -> bytes:
+        if self.headers is None:
+            return json_response(self.status, self.body, defaults, close=close)
+        return response_head(self.status, self.headers, defaults, close=close) + self.body
+
+
+async def answer(st: State, head: RequestHead, body: bytes) -> Answer:
+    """Publish one request's message (`publish_one`); never raises."""
+    conn = HTTPConnection({"type": "http", "headers": head.headers, "query_string": head.query})
+
+    async def read() -> bytes:
+        return body
+
+    try:
+        event_id = await publish_one(st, conn, read)
+    except TidingsError as exc:
+        return _error(exc)
+    except Exception as exc:  # as the app's handler of unexpected errors answers them
+        log.error("unhandled error on %s %s", head.method, head.path, exc_info=exc)
+        return _error(TidingsError(INTERNAL), fatal=True)
+    return Answer(202, orjson.dumps({"id": event_id}))
+
+
+def _error(exc: TidingsError, *, fatal: bool = False) -> Answer:
+    response = error_response(exc)
+    return Answer(response.status_code, bytes(response.body), response.raw_headers, fatal)
