@@ -6,6 +6,7 @@ worker processes on the same port (server/workers.py).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -96,6 +97,11 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        # What start-up built (modules, the app, SQLAlchemy's and pydantic's tables: a few
+        # hundred thousand objects) lives as long as the process. Frozen, the collector's
+        # full passes skip it: while thousands of streams open, each of those passes
+        # scanned it all again (0.3 s each; ~1/3 of the CPU time of a connect burst).
+        gc.freeze()
         if self.started and self.ready is not None:
             self.ready.set()
 
