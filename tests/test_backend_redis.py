@@ -701,7 +701,7 @@ async def test_resync_holds_for_connections_still_opening() -> None:
 
 
 @pytest.fixture
-def cluster(start_server: StartServer, broker_url: str) -> Callable[..., list[TidingsServer]]:
+def cluster(broker_url: str, start_server: StartServer) -> Callable[..., list[TidingsServer]]:
     """``cluster(n, **env)``: n servers on one Redis prefix, sharing secret and API key."""
     secret = secrets.token_urlsafe(48)
     key = "cluster-" + secrets.token_urlsafe(16)

@@ -67,6 +67,7 @@ ResyncCallback = Callable[[], Awaitable[None]]
 _EPOCH_ERROR = "TIDINGS_EPOCH"
 _PING_AFTER = 5.0  # seconds of silence on the channel before we ping it
 _DEAD_AFTER = 15.0  # seconds without any answer: the connection is dead
+_CLOSE_WAIT = 5.0  # seconds close() waits for the reader to stop
 _BACKOFF_INITIAL = 0.05
 _BACKOFF_MAX = 5.0
 _CONNECT_TIMEOUT = 10.0  # at start-up, how long `connect()` waits for Redis
@@ -194,6 +195,7 @@ class RedisBackend:
         self._on_event: EventCallback | None = None
         self.on_resync: ResyncCallback | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False
         self._ready = False
         self._gen_seen = 0
         self._kick = False  # an epoch error: the reader must re-check and resync
@@ -226,6 +228,7 @@ class RedisBackend:
         self.on_resync = on_resync
         loop = asyncio.get_running_loop()
         self._first = loop.create_future()
+        self._closing = False
         self._reader = asyncio.create_task(self._read_forever(), name="tidings-redis-reader")
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT):
@@ -236,11 +239,13 @@ class RedisBackend:
 
     async def close(self) -> None:
         self._ready = False
+        self._closing = True
         reader, self._reader = self._reader, None
         if reader is not None:
+            # redis-py can swallow a cancellation inside a read; the flag ends the loop
+            # then, and the wait is bounded so a stuck read never holds up shutdown.
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await asyncio.wait({reader}, timeout=_CLOSE_WAIT)
         self._on_event = None
         await self._redis.aclose()
 
@@ -262,7 +267,7 @@ class RedisBackend:
 
     async def _read_forever(self) -> None:
         attempt = 0
-        while True:
+        while not self._closing:
             pubsub = self._redis.pubsub()
             try:
                 await self._subscribe(pubsub)
