@@ -112,6 +112,10 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Stop listening first (uvicorn would only after our goodbyes), so a client told to
+        # reconnect cannot land on this process again while it says goodbye.
+        for listener in self.servers:
+            listener.close()
         closed = self.hub.broker.close_all(CloseReason.SHUTDOWN)
         log.info("shutting down: told %d connections to reconnect elsewhere", closed)
         await said_goodbye(self.hub)  # WebSockets close with 1001 before uvicorn's 1012
