@@ -302,6 +302,168 @@ async def test_verified_tokens_are_cached_until_exp(monkeypatch: pytest.MonkeyPa
         await verifier.verify(token)
 
 
+def signed(
+    header: dict[str, Any] | bytes,
+    payload: dict[str, Any] | bytes,
+    *,
+    key: str = SECRET,
+    digest: Any = hashlib.sha256,
+    mangle: Any = None,
+) -> str:
+    """A token signed by hand, so its segments can be anything (`mangle` edits the
+    header.payload text before it is signed)."""
+    raw_header = header if isinstance(header, bytes) else json.dumps(header).encode()
+    raw_payload = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    text = f"{b64(raw_header)}.{b64(raw_payload)}"
+    if mangle is not None:
+        text = mangle(text)
+    return f"{text}.{b64(hmac.new(key.encode(), text.encode(), digest).digest())}"
+
+
+def _stray_bits(text: str) -> str:
+    """The payload segment's last character with its unused low bits set: the same bytes
+    to a lenient decoder, a non-canonical encoding that PyJWT refuses."""
+    head, payload = text.split(".")
+    if len(payload) % 4 in (2, 3):
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        index = alphabet.index(payload[-1]) | (0b1111 if len(payload) % 4 == 2 else 0b11)
+        payload = payload[:-1] + alphabet[index]
+    return f"{head}.{payload}"
+
+
+HS = {"alg": "HS256", "typ": "JWT"}
+NOW = int(time.time())
+ODD_TOKENS = {
+    "plain": signed(HS, claims()),
+    "plain, Chinese name": signed(HS, claims(name="李雷", tenant="租户")),
+    "no typ": signed({"alg": "HS256"}, claims()),
+    "kid": signed({**HS, "kid": "k1"}, claims()),
+    "kid not a string": signed({**HS, "kid": 7}, claims()),
+    "kid null": signed({**HS, "kid": None}, claims()),
+    "typ not a string": signed({"alg": "HS256", "typ": 5}, claims()),
+    "another header field": signed({**HS, "cty": "x"}, claims()),
+    "crit": signed({**HS, "crit": ["exp"]}, claims()),
+    "b64 false": signed({**HS, "b64": False, "crit": ["b64"]}, claims()),
+    "alg none": signed({"alg": "none"}, claims()),
+    "alg missing": signed({"typ": "JWT"}, claims()),
+    "alg HS512": signed({"alg": "HS512"}, claims(), digest=hashlib.sha512),
+    "alg HS256 twice, last wins": signed(b'{"alg":"none","alg":"HS256"}', claims()),
+    "alg none twice, last wins": signed(b'{"alg":"HS256","alg":"none"}', claims()),
+    "header a list": signed(b'["HS256"]', claims()),
+    "header not JSON": signed(b"{alg", claims()),
+    "payload a list": signed(HS, b'["u1"]'),
+    "payload not JSON": signed(HS, b"{sub"),
+    "payload UTF-16": signed(HS, json.dumps(claims()).encode("utf-16")),
+    "payload NaN": signed(HS, b'{"sub": "u1", "x": NaN}'),
+    "payload deep": signed(HS, b'{"sub": "u1", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+    "duplicate sub": signed(HS, b'{"sub": "u1", "sub": "u2"}'),
+    "wrong key": signed(HS, claims(), key="another-secret-" + "y" * 32),
+    "padded segments": signed(HS, claims(), mangle=lambda t: t.replace(".", "==.")),
+    "stray bits": signed(HS, claims(pad="x"), mangle=_stray_bits),
+    "no exp": signed(HS, {"sub": "u1"}),
+    "exp past": signed(HS, claims(exp=NOW - 100)),
+    "exp past, in leeway": signed(HS, claims(exp=NOW - 10)),
+    "exp float": signed(HS, claims(exp=NOW + 600.5)),
+    "exp numeric string": signed(HS, claims(exp=str(NOW + 600))),
+    "exp true": signed(HS, claims(exp=True)),
+    "exp word": signed(HS, claims(exp="tomorrow")),
+    "exp huge": signed(HS, b'{"sub": "u1", "exp": 123456789012345678901234567890}'),
+    "exp null": signed(HS, claims(exp=None)),
+    "nbf future": signed(HS, claims(nbf=NOW + 100)),
+    "nbf in leeway": signed(HS, claims(nbf=NOW + 10)),
+    "nbf past": signed(HS, claims(nbf=NOW - 10)),
+    "nbf float": signed(HS, claims(nbf=NOW - 10.5)),
+    "iat future": signed(HS, claims(iat=NOW + 100)),
+    "iat now": signed(HS, claims(iat=NOW)),
+    "iat word": signed(HS, claims(iat="yesterday")),
+    "sub a number": signed(HS, claims(sub=7)),
+    "sub empty": signed(HS, claims(sub="")),
+    "sub missing": signed(HS, {"exp": NOW + 600}),
+    "jti": signed(HS, claims(jti="j1")),
+    "jti a number": signed(HS, claims(jti=7)),
+    "tenant a number": signed(HS, claims(tenant=7)),
+    "iss": signed(HS, claims(iss="https://a")),
+    "iss other": signed(HS, claims(iss="https://b")),
+    "iss a number": signed(HS, claims(iss=7)),
+    "aud": signed(HS, claims(aud="t")),
+    "aud other": signed(HS, claims(aud="u")),
+    "aud empty": signed(HS, claims(aud="")),
+    "aud list": signed(HS, claims(aud=["u", "t"])),
+    "aud list without": signed(HS, claims(aud=["u"])),
+    "aud list with a number": signed(HS, claims(aud=["t", 7])),
+    "aud a number": signed(HS, claims(aud=7)),
+    "aud and iss": signed(HS, claims(aud="t", iss="https://a")),
+    "signature cut": signed(HS, claims())[:-1],
+    "signature longer": signed(HS, claims()) + "A",
+    "signature stray bits": signed(HS, claims())[:-1] + "z",
+    "four segments": signed(HS, claims()) + ".x",
+    "not ASCII": signed(HS, claims()) + "通",
+}
+VERIFIER_SETTINGS = {
+    "plain": {},
+    "no leeway": {"jwt_leeway": 0},
+    "issuer": {"jwt_issuer": "https://a"},
+    "audience": {"jwt_audience": "t"},
+    "both": {"jwt_issuer": "https://a", "jwt_audience": "t"},
+}
+
+
+async def _outcome(verifier: JWTVerifier, token: str) -> tuple[str, Any]:
+    try:
+        return "ok", await verifier.verify(token)
+    except Unauthorized as exc:
+        return "refused", exc.message
+
+
+@pytest.mark.parametrize("config", VERIFIER_SETTINGS)
+async def test_hs256_fast_path_answers_exactly_as_pyjwt(config: str) -> None:
+    """Every token, under every setting, is accepted (with the same principal) or
+    refused (with the same reason) with the fast path as with PyJWT alone."""
+    options = {"jwt_secret": SECRET, **VERIFIER_SETTINGS[config]}
+    fast_hits = 0
+    for name, token in ODD_TOKENS.items():
+        fast = JWTVerifier(settings(**options))
+        assert fast._hs256_key is not None
+        slow = JWTVerifier(settings(**options))
+        slow._hs256_key = None  # PyJWT only
+        expected = await _outcome(slow, token)
+        assert await _outcome(fast, token) == expected, name
+        assert fast._hs256_key is not None
+        quick = fast._hs256_claims(token, fast._hs256_key)
+        if quick is not None:  # only ever the claims PyJWT gives: it never refuses here
+            fast_hits += 1
+            assert quick == slow._decode(token, SECRET.encode(), "HS256", slow._issuer), name
+    assert fast_hits >= 1  # and it does serve the tokens each setting lets in
+
+
+async def test_hs256_fast_path_skips_pyjwt_for_plain_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_pyjwt(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("PyJWT was called")
+
+    verifier = JWTVerifier(settings(jwt_secret=SECRET))
+    monkeypatch.setattr(jwt, "decode", no_pyjwt)
+    token = mint_token(SECRET, "u1", tenant="acme", topics=["chat:*"], name="李雷")
+    p = await verifier.verify(token)
+    assert p == Principal("u1", "acme", name="李雷", topics=("chat:*",))
+
+
+def test_hs256_fast_path_is_off_for_keys_pyjwt_refuses_or_warns_about() -> None:
+    pem_secret = "-----BEGIN PUBLIC KEY-----\n" + "A" * 64 + "\n-----END PUBLIC KEY-----"
+    assert JWTVerifier(settings(jwt_secret=pem_secret))._hs256_key is None
+    assert JWTVerifier(settings(jwt_public_key=None, jwt_secret=SECRET))._hs256_key is not None
+
+
+async def test_verified_token_cache_stays_bounded_and_keeps_recent_tokens() -> None:
+    verifier = JWTVerifier(settings(jwt_secret=SECRET))
+    tokens = [mint_token(SECRET, f"u{i}") for i in range(5000)]
+    for token in tokens:
+        await verifier.verify(token)
+    assert len(verifier._verified) <= 4096
+    assert tokens[-1] in verifier._verified and tokens[0] not in verifier._verified
+
+
 # -- RS256 / ES256 with a PEM key ----------------------------------------------------------
 
 
