@@ -82,11 +82,16 @@ class Message:
 
 
 def _strings(body: dict[str, Any], key: str, limit: int) -> tuple[str, ...]:
-    value = body.get(key) or []
+    value = body.get(key)
+    if not value:
+        return ()
     if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        return (value,)
+    if not isinstance(value, list):
         raise InvalidRequest(f"`{key}` must be a list of non-empty strings")
+    for v in value:
+        if not v or not isinstance(v, str):
+            raise InvalidRequest(f"`{key}` must be a list of non-empty strings")
     if len(value) > limit:
         raise InvalidRequest(f"`{key}` may name at most {limit} entries")
     return tuple(dict.fromkeys(value))  # de-duplicated, order kept

@@ -117,6 +117,8 @@ def parse_head(raw: bytes) -> RequestHead:
         upgrade = True
     except httptools.HttpParserError as exc:
         raise HeadError(str(exc) or "malformed request head") from None
+    finally:
+        collector.parser = None  # a cycle through the parser's callbacks, left to the GC else
     try:
         url = httptools.parse_url(collector.url)
     except httptools.HttpParserInvalidURLError:

@@ -16,12 +16,13 @@ import logging
 from dataclasses import dataclass
 
 import orjson
-from starlette.requests import HTTPConnection
+from starlette.datastructures import Headers, QueryParams
+from starlette.requests import cookie_parser
 
 from ..errors import TidingsError
 from .fastapp import INTERNAL
 from .fasthttp import RequestHead, body_length, json_response, response_head
-from .http import error_response
+from .http import Credentials, error_response
 from .publish import publish_one
 from .state import State
 
@@ -30,7 +31,7 @@ log = logging.getLogger("tidings.fastpath")
 PUBLISH_PATH = "/api/v1/publish"
 REQUEST_LINE = b"POST " + PUBLISH_PATH.encode()
 
-Headers = list[tuple[bytes, bytes]]
+RawHeaders = list[tuple[bytes, bytes]]
 
 
 def takes(head: RequestHead, limit: int) -> int | None:
@@ -49,10 +50,10 @@ class Answer:
 
     status: int
     body: bytes
-    headers: Headers | None = None  # an error's, from its JSONResponse; None: 202's own
+    headers: RawHeaders | None = None  # an error's, from its JSONResponse; None: 202's own
     fatal: bool = False  # an unexpected error: uvicorn closes the connection after it
 
-    def render(self, defaults: Headers, close: bool) -> bytes:
+    def render(self, defaults: RawHeaders, close: bool) -> bytes:
         if self.headers is None:
             return json_response(self.status, self.body, defaults, close=close)
         return response_head(self.status, self.headers, defaults, close=close) + self.body
@@ -60,19 +61,29 @@ class Answer:
 
 async def answer(st: State, head: RequestHead, body: bytes) -> Answer:
     """Publish one request's message (`publish_one`); never raises."""
-    conn = HTTPConnection({"type": "http", "headers": head.headers, "query_string": head.query})
 
     async def read() -> bytes:
         return body
 
     try:
-        event_id = await publish_one(st, conn, read)
+        event_id = await publish_one(st, credentials(head), read)
     except TidingsError as exc:
         return _error(exc)
     except Exception as exc:  # as the app's handler of unexpected errors answers them
         log.error("unhandled error on %s %s", head.method, head.path, exc_info=exc)
         return _error(TidingsError(INTERNAL), fatal=True)
     return Answer(202, orjson.dumps({"id": event_id}))
+
+
+def credentials(head: RequestHead) -> Credentials:
+    """What `Credentials.of` gives for the same request on the ASGI path."""
+    headers = Headers(raw=head.headers)
+    query = QueryParams(head.query) if head.query else _NO_QUERY
+    cookie = headers.get("cookie")
+    return Credentials(headers, query, cookie_parser(cookie) if cookie else {})
+
+
+_NO_QUERY = QueryParams("")
 
 
 def _error(exc: TidingsError, *, fatal: bool = False) -> Answer:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import orjson
 from starlette.requests import HTTPConnection, Request
@@ -37,12 +38,27 @@ def state(conn: HTTPConnection) -> State:
     return found
 
 
-async def principal(conn: HTTPConnection, st: State | None = None) -> Principal:
-    """The caller's identity (JWT, API key, or the app's own authenticator); `st` is
-    `state(conn)`, which a caller that has it passes (the fast path's `conn` has no app)."""
-    st = st or state(conn)
+class Credentials(NamedTuple):
+    """Where a request's credential may be (`auth.extract_credential`)."""
+
+    headers: Mapping[str, str]
+    query: Mapping[str, str]
+    cookies: Mapping[str, str]
+
+    @classmethod
+    def of(cls, conn: HTTPConnection) -> Credentials:
+        return cls(conn.headers, conn.query_params, conn.cookies)
+
+
+async def principal(conn: HTTPConnection) -> Principal:
+    """The caller's identity (JWT, API key, or the app's own authenticator)."""
+    return await authenticate(state(conn), Credentials.of(conn))
+
+
+async def authenticate(st: State, credentials: Credentials) -> Principal:
+    """`principal` of a request's `credentials`; refusals are counted by reason."""
     try:
-        return await st.authenticator.authenticate(conn.headers, conn.query_params, conn.cookies)
+        return await st.authenticator.authenticate(*credentials)
     except Unauthorized as exc:
         st.metrics.auth_failures.labels(_failure_reason(exc.message)).inc()
         raise
@@ -61,8 +77,12 @@ def client_ip(conn: HTTPConnection) -> str:
     return conn.client.host if conn.client else "?"
 
 
-async def server_or_user(conn: HTTPConnection, st: State | None = None) -> Principal:
-    who = await principal(conn, st)
+async def server_or_user(conn: HTTPConnection) -> Principal:
+    return identified(await principal(conn))
+
+
+def identified(who: Principal) -> Principal:
+    """`who`, unless it is nobody (an authenticator's anonymous principal): 401."""
     if not who.user_id and not who.is_server:
         raise Unauthorized("missing credential")
     return who

@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import Request
 from starlette.routing import Route
 
 from ..errors import InvalidRequest, RateLimited, TidingsError
 from ..hub import Hub, Message, authorize, parse_message
-from .http import JSONResponse, decode_json, json_body, read_body, server_or_user, state
+from .http import (
+    Credentials,
+    JSONResponse,
+    authenticate,
+    decode_json,
+    identified,
+    json_body,
+    read_body,
+    server_or_user,
+    state,
+)
 from .state import State
 
 log = logging.getLogger("tidings.publish")
@@ -26,19 +37,22 @@ MAX_BATCH = 1000
 
 async def publish(request: Request) -> JSONResponse:
     st = state(request)
-    event_id = await publish_one(st, request, lambda: read_body(request, st.settings.max_payload))
+    body = partial(read_body, request, st.settings.max_payload)
+    event_id = await publish_one(st, Credentials.of(request), body)
     return JSONResponse({"id": event_id}, status_code=202)
 
 
-async def publish_one(st: State, conn: HTTPConnection, body: Callable[[], Awaitable[bytes]]) -> str:
-    """Publish the request's message; its event id, or a TidingsError to answer.
+async def publish_one(
+    st: State, credentials: Credentials, body: Callable[[], Awaitable[bytes]]
+) -> str:
+    """Publish a request's message; its event id, or a TidingsError to answer.
 
-    `conn` gives the credential (headers, query, cookies), `body()` the raw body within
-    TIDINGS_MAX_PAYLOAD; it is read after the credential is checked.
+    `body()` gives the raw body within TIDINGS_MAX_PAYLOAD; it is read after the
+    credential is checked.
     """
     counters = st.metrics.publish_requests
     try:
-        who = await server_or_user(conn, st)
+        who = identified(await authenticate(st, credentials))
         message = _message(decode_json(await body()), who.is_server, who.tenant)
         authorize(message, who)
         limit_publishes(st, message.tenant)
