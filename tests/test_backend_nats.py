@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import orjson
 import pytest
 
 import test_backend_redis as redis_tests
 from server import TidingsServer, free_port
-from sse_client import Api, SSEClient, open_stream
+from sse_client import Api, SSEClient, open_stream, sse_stream
 from test_backend_redis import (  # the generic tests, collected here too
     BackendFactory,
     HubFactory,
@@ -407,3 +408,40 @@ async def test_serve_nats_restart_mid_stream(
             assert not [e for e in stream.events if e.event == "reset"]
         finally:
             await stream.close()
+
+
+async def test_serve_nats_restart_without_its_data_resets(
+    own_nats: OwnNats, cluster: Callable[..., list[TidingsServer]]
+) -> None:
+    """NATS comes back empty (its store lost): a new epoch; open streams are closed
+    and their reconnect is told to refetch (`reset`), never a silent gap."""
+    await wait_listening(own_nats.port)
+    a, b = cluster(2, TIDINGS_BROKER_URL=own_nats.url + "?prefix=lost")
+    token = a.token("ann")
+    async with Api(a.url, a.api_key) as api_a, Api(b.url, b.api_key) as api_b:
+        stream = await open_stream(a.url, token=token)
+        try:
+            await stream.next_event("welcome")
+            await api_b.publish(users=["ann"], data="before")
+            assert await sse_data(stream, 1) == ["before"]
+            cursor = stream.last_id
+            try:
+                await asyncio.to_thread(own_nats.stop)
+                await until(answers(a, 503), "not ready")
+                await asyncio.to_thread(shutil.rmtree, own_nats.store)
+            finally:
+                if own_nats.proc is None:
+                    own_nats.start()
+            await wait_listening(own_nats.port)
+            for server in (a, b):
+                await until(answers(server, 200), "ready", within=30)
+            rest = await stream.wait_end(within=30)
+            assert not [e for e in rest if e.event == "message"]
+        finally:
+            await stream.close()
+        async with sse_stream(b.url, token=token, last_event_id=cursor) as again:
+            await again.next_event("welcome")
+            reset = await again.next_event("reset")
+            assert "epoch" in orjson.loads(reset.data)["reason"]
+            await api_a.publish(users=["ann"], data="after")
+            assert await sse_data(again, 1) == ["after"]

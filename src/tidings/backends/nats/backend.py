@@ -116,7 +116,7 @@ class NatsBackend:
             self._reader = Reader(store, self._views, self._writer)
             await store.setup()
             await self._sync_epoch()
-            self._last_sseq = await store.last_seq(self.names.commits)
+            self._last_sseq = await store.last_seq(self.names.commits)  # from now on
             await self._consume()
         except (TimeoutError, *_FAILURES) as exc:
             await self.close()
@@ -124,13 +124,19 @@ class NatsBackend:
         self._ready = True
 
     async def _sync_epoch(self) -> None:
+        """Read (or set) the epoch; after a reconnect, notice a commits stream made anew."""
         assert self._store is not None and self._views is not None
         epoch, made = await self._store.sync_epoch()
-        if self.epoch and epoch != self.epoch:
+        first, last = await self._store.bounds(self.names.commits)
+        changed = bool(self.epoch) and epoch != self.epoch
+        if changed:
             log.warning(
                 "NATS history changed: epoch %s -> %s; clients will reset", self.epoch, epoch
             )
-        if epoch != self.epoch or made:
+        if changed or made or last < self._last_sseq:
+            # Everything the stream holds now was written since (NATS lost its data,
+            # or the commits were purged): read it all, as new.
+            self._last_sseq = max(0, first - 1) if self.epoch else last
             self._views.clear()
             self._chains.clear()
         self.epoch = epoch

@@ -100,8 +100,12 @@ class Store:
         return candidate, True
 
     async def last_seq(self, stream: str) -> int:
-        info = await self.js.stream_info(stream)
-        return int(info.state.last_seq)
+        return (await self.bounds(stream))[1]
+
+    async def bounds(self, stream: str) -> tuple[int, int]:
+        """(first, last) sequence of the messages a stream holds (first = last + 1: none)."""
+        state = (await self.js.stream_info(stream)).state
+        return int(state.first_seq), int(state.last_seq)
 
     # -- commits ------------------------------------------------------------------
 
