@@ -1,7 +1,8 @@
 """``POST /api/v1/publish`` on the fast path (server/fastpublish.py) answers as the ASGI route.
 
-The same requests go, byte for byte over raw sockets, to a server on the fast path and
-to one with ``TIDINGS_FASTPATH=0``; status, headers (but ``date``) and JSON bodies (event
+The same requests go, byte for byte over raw sockets, to a server with
+``TIDINGS_FASTPATH=0`` and to two on the fast path (publishes answered at once, and
+from a task: ``TIDINGS_FASTPATH_EAGER=0``); status, headers (but ``date``) and JSON bodies (event
 ids replaced by their order of appearance) must be identical: accepted publishes, every
 error of API.md §2 that a publish can meet, idempotent repeats, requests the fast path
 leaves to uvicorn (too large, chunked, ``Expect``, ``Origin``, other methods), several
@@ -28,7 +29,7 @@ from tidings.server.fasthttp import body_length, may_be_request, parse_head
 from tidings.server.fastpublish import REQUEST_LINE, takes
 
 MAX_PAYLOAD = 2048
-RATE = 0.01  # publishes per second and tenant on the rate-limited pair: the second is refused
+RATE = 0.01  # publishes per second and tenant on the rate-limited servers: a second is refused
 SECRET = secrets.token_urlsafe(48)
 KEY = "key-" + secrets.token_urlsafe(16)
 TEXT = "你好，世界 — 通知 🚀"
@@ -92,9 +93,7 @@ def test_a_publish_request_line_is_recognised_at_its_first_bytes(start: bytes, o
 # -- the two paths side by side -------------------------------------------------------------
 
 
-def _pair(
-    factory: pytest.TempPathFactory, **env: str
-) -> Iterator[tuple[TidingsServer, TidingsServer]]:
+def _servers(factory: pytest.TempPathFactory, **env: str) -> Iterator[tuple[TidingsServer, ...]]:
     settings = {
         "TIDINGS_JWT_SECRET": SECRET,
         "TIDINGS_API_KEYS": KEY,
@@ -102,14 +101,16 @@ def _pair(
         "TIDINGS_LOG_LEVEL": "debug",  # uvicorn's access lines tell which path answered
         **env,
     }
-    servers = [
-        TidingsServer(factory.mktemp(f"fastpublish{flag}"), {**settings, "TIDINGS_FASTPATH": flag})
-        for flag in ("0", "1")
+    paths = [
+        {"TIDINGS_FASTPATH": "0"},  # the ASGI route
+        {"TIDINGS_FASTPATH": "1"},  # the fast path, answering at once (memory backend)
+        {"TIDINGS_FASTPATH": "1", "TIDINGS_FASTPATH_EAGER": "0"},  # the same from a task
     ]
+    servers = [TidingsServer(factory.mktemp("fastpublish"), {**settings, **path}) for path in paths]
     try:
         for server in servers:
             server.start()
-        yield servers[0], servers[1]
+        yield tuple(servers)
     finally:
         for server in servers:
             server.close()
@@ -118,15 +119,15 @@ def _pair(
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TidingsServer, ...]]:
-    """The ASGI route and the fast path, same settings."""
-    yield from _pair(tmp_path_factory)
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TidingsServer, ...]]:
+    """The ASGI route, the fast path, and the fast path with a task per publish."""
+    yield from _servers(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TidingsServer, ...]]:
     """The same with TIDINGS_PUBLISH_RATE: a tenant's second publish is refused."""
-    yield from _pair(tmp_path_factory, TIDINGS_PUBLISH_RATE=str(RATE))
+    yield from _servers(tmp_path_factory, TIDINGS_PUBLISH_RATE=str(RATE))
 
 
 def token(user: str, **claims: Any) -> str:
@@ -219,7 +220,8 @@ async def alike(
     for server in servers:
         answers, closed = await exchange(server, *requests, pipelined=pipelined)
         results.append((normalised(answers), closed))
-    assert results[0] == results[1], f"ASGI: {results[0]}\nfast: {results[1]}"
+    for result in results[1:]:
+        assert result == results[0], f"ASGI: {results[0]}\nfast: {result}"
     return results[0][0]
 
 
@@ -306,10 +308,12 @@ def cases() -> list[tuple[str, bytes]]:
     ]
 
 
-async def test_every_case_is_answered_alike_on_both_paths(pair: tuple[TidingsServer, ...]) -> None:
+async def test_every_case_is_answered_alike_on_every_path(
+    servers: tuple[TidingsServer, ...],
+) -> None:
     seen = {}
     for name, request in cases():
-        answers = await alike(pair, request)
+        answers = await alike(servers, request)
         seen[name] = codes(answers)[0]
     assert seen["accepted"] == seen["every field"] == seen["a JWT in a cookie"] == (202, None)
     assert seen["malformed JSON"] == seen["no target"] == (400, "invalid_request")
@@ -321,31 +325,33 @@ async def test_every_case_is_answered_alike_on_both_paths(pair: tuple[TidingsSer
     assert seen["GET"][0] == 405 and seen["chunked"] == (202, None)
 
 
-async def test_a_401_carries_www_authenticate_on_both_paths(
-    pair: tuple[TidingsServer, ...],
+async def test_a_401_carries_www_authenticate_on_every_path(
+    servers: tuple[TidingsServer, ...],
 ) -> None:
-    [(status, headers, _)] = await alike(pair, post({"users": ["u"]}, key="nope"))
+    [(status, headers, _)] = await alike(servers, post({"users": ["u"]}, key="nope"))
     assert (status, headers["www-authenticate"]) == (401, "Bearer")
 
 
 async def test_the_accepted_answer_is_202_with_the_event_id(
-    pair: tuple[TidingsServer, ...],
+    servers: tuple[TidingsServer, ...],
 ) -> None:
-    [(status, headers, body)] = await alike(pair, post({"users": ["u"], "data": TEXT}))
+    [(status, headers, body)] = await alike(servers, post({"users": ["u"], "data": TEXT}))
     assert (status, body) == (202, {"id": "id1"})
     assert headers["content-type"] == "application/json"
     assert headers["server"] == "uvicorn"
 
 
-async def test_an_idempotent_repeat_answers_the_first_id(pair: tuple[TidingsServer, ...]) -> None:
+async def test_an_idempotent_repeat_answers_the_first_id(
+    servers: tuple[TidingsServer, ...],
+) -> None:
     again = post(
         {"tenant": tenant(), "users": ["u"], "idempotency_key": "k-" + secrets.token_hex(4)}
     )
-    answers = await alike(pair, again, again)
+    answers = await alike(servers, again, again)
     assert [(s, b) for s, _, b in answers] == [(202, {"id": "id1"})] * 2
 
 
-async def test_rate_limited_publishes_are_429_with_retry_after_on_both_paths(
+async def test_rate_limited_publishes_are_429_with_retry_after_on_every_path(
     limited: tuple[TidingsServer, ...],
 ) -> None:
     t = tenant()
@@ -355,15 +361,15 @@ async def test_rate_limited_publishes_are_429_with_retry_after_on_both_paths(
             server, post({"tenant": t, "users": ["u"]}), post({"tenant": t, "users": ["u"]})
         )
         results.append(normalised(answers))
-    asgi, fast = results
     wait = [int(result[1][1].pop("retry-after")) for result in results]  # time-derived
     assert all(1 / RATE - 2 <= w <= 1 / RATE for w in wait), wait
-    assert asgi == fast, f"ASGI: {asgi}\nfast: {fast}"
-    assert codes(fast) == [(202, None), (429, "rate_limited")]
+    asgi, *fast = results
+    assert all(f == asgi for f in fast), f"ASGI: {asgi}\nfast: {fast}"
+    assert codes(asgi) == [(202, None), (429, "rate_limited")]
 
 
 async def test_several_requests_on_one_keep_alive_connection(
-    pair: tuple[TidingsServer, ...],
+    servers: tuple[TidingsServer, ...],
 ) -> None:
     requests = [
         post({"users": ["u"], "data": 1}),
@@ -373,46 +379,49 @@ async def test_several_requests_on_one_keep_alive_connection(
         b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n",  # uvicorn's from here on
         post({"users": ["u"], "data": 2}),
     ]
-    answers = await alike(pair, *requests)
+    answers = await alike(servers, *requests)
     assert [s for s, _, _ in answers] == [202, 400, 401, 202, 200, 202]
 
 
-async def test_pipelined_requests_are_answered_in_order(pair: tuple[TidingsServer, ...]) -> None:
+async def test_pipelined_requests_are_answered_in_order(servers: tuple[TidingsServer, ...]) -> None:
     requests = [
         post({"users": ["u"], "data": n}) if n % 2 == 0 else post({"users": "u"}, key=None)
         for n in range(6)
     ]
     requests.append(post(None, "Connection: close", raw=b'{"users": ["u"]}'))
-    answers = await alike(pair, *requests, pipelined=True)
+    answers = await alike(servers, *requests, pipelined=True)
     assert [s for s, _, _ in answers] == [202, 401, 202, 401, 202, 401, 202]
     assert answers[-1][1]["connection"] == "close"
 
 
-async def test_connection_close_closes_after_the_answer(pair: tuple[TidingsServer, ...]) -> None:
+async def test_connection_close_closes_after_the_answer(servers: tuple[TidingsServer, ...]) -> None:
     for request in (
         post({"users": ["u"]}, "Connection: close"),
         post(None, "Connection: close", raw=b"[]"),
     ):
-        for server in pair:
+        for server in servers:
             answers, closed = await exchange(server, request)
             assert answers[0][1]["connection"] == "close" and closed
 
 
-async def test_the_fast_server_answered_publishes_itself(pair: tuple[TidingsServer, ...]) -> None:
+async def test_the_fast_server_answered_publishes_itself(
+    servers: tuple[TidingsServer, ...],
+) -> None:
     access = '"POST /api/v1/publish HTTP/1.1" 202'  # uvicorn's access line, at debug level
     new_lines = []
-    for server in pair:
+    for server in servers:
         before = len(server.log())
         answers, _ = await exchange(server, post({"users": ["u"]}))
         assert answers[0][0] == 202
         new_lines.append(server.log()[before:])  # written before the answer was
-    asgi, fast = new_lines
+    asgi, *fast = new_lines
     assert "tidings.publish: publish" in asgi and access in asgi
-    assert "tidings.publish: publish" in fast and access not in fast
+    for lines in fast:
+        assert "tidings.publish: publish" in lines and access not in lines
 
 
 async def test_an_idle_keep_alive_connection_is_closed_as_uvicorn_closes_it(
-    pair: tuple[TidingsServer, ...],
+    servers: tuple[TidingsServer, ...],
 ) -> None:
     async def idle(server: TidingsServer) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -424,14 +433,17 @@ async def test_an_idle_keep_alive_connection_is_closed_as_uvicorn_closes_it(
         finally:
             writer.close()
 
-    assert await asyncio.gather(*(idle(server) for server in pair)) == [b"", b""]
+    assert await asyncio.gather(*(idle(server) for server in servers)) == [b""] * len(servers)
 
 
 # -- delivery -------------------------------------------------------------------------------
 
 
-async def test_a_fast_publish_reaches_its_subscribers_once(pair: tuple[TidingsServer, ...]) -> None:
-    _, fast = pair
+@pytest.mark.parametrize("path", ["at once", "in a task"])
+async def test_a_fast_publish_reaches_its_subscribers_once(
+    servers: tuple[TidingsServer, ...], path: str
+) -> None:
+    fast = servers[1 if path == "at once" else 2]
     t = tenant()
     async with (
         Api(fast.url, KEY) as api,

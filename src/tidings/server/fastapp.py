@@ -21,12 +21,14 @@ from starlette.requests import HTTPConnection
 from uvicorn.config import Config
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
 from ..errors import TidingsError
-from .fasthttp import chunk
+from .fasthttp import RequestHead, chunk
+from .fastpublish import may_start_eagerly
 from .fastwriter import ChunkedSSEConnection
-from .http import error_response
+from .http import INTERNAL, error_response
 from .sse import HEADERS
 from .state import State
 from .streams import greet, open_sse
@@ -41,8 +43,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-INTERNAL = "internal error; it has been logged"  # the ASGI path's answer to a bug, too
 
 
 class Capture:
@@ -85,6 +85,7 @@ class FastPath:
         # CORS (which leaves requests without an Origin header alone): server/fastpublish.py.
         self.publishes = all(getattr(m, "cls", None) is CORSMiddleware for m in app.user_middleware)
         self.max_payload = self.state.settings.max_payload
+        self.eager = may_start_eagerly(self.state)
         self.keep_alive_s = 5.0  # uvicorn's timeout_keep_alive, from the config
 
     def bind(
@@ -107,6 +108,27 @@ class FastPath:
         if config.proxy_headers:
             stack = ProxyHeadersMiddleware(stack, trusted_hosts=config.forwarded_allow_ips)
         self.stack = cast(ASGIApp, stack)
+
+    def scope(self, head: RequestHead, transport: asyncio.Transport, proto: FastProtocol) -> Scope:
+        """The ASGI scope uvicorn would give the stream request `head`."""
+        assert self.config is not None
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": head.version,
+            "server": _local_addr(transport),
+            "client": _remote_addr(transport),
+            "scheme": "https" if is_ssl(transport) else "http",
+            "root_path": self.config.root_path,
+            "method": head.method,
+            "path": head.path,
+            "raw_path": head.raw_path,
+            "query_string": head.query,
+            "headers": head.headers,
+            "state": self.app_state.copy(),
+            "app": self.app,
+            "tidings.protocol": proto,
+        }
 
     def uvicorn_protocol(self) -> HttpToolsProtocol:
         assert self.config is not None
@@ -146,3 +168,21 @@ class FastPath:
             who.tenant,
             topics,
         )
+
+
+def _remote_addr(transport: asyncio.Transport) -> tuple[str, int] | None:
+    # The transport's own copies: asking for its "socket" (as uvicorn's helpers do) makes
+    # uvloop create and keep a socket object and both addresses for every connection.
+    info = transport.get_extra_info("peername")
+    if isinstance(info, tuple | list) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
+
+
+def _local_addr(transport: asyncio.Transport) -> tuple[str, int | None] | None:
+    info = transport.get_extra_info("sockname")
+    if isinstance(info, tuple | list) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    if isinstance(info, str):
+        return (info, None)
+    return None

@@ -13,10 +13,11 @@ Back-pressure: while the transport's write buffer is over its high-water mark
 buffer and an overflow closes it as SLOW (the client resumes from history with its
 cursor); `resume_writing` flushes the buffer and restores `direct`.
 
-Publish requests: the head and the whole body are read, one task answers (`_publish`),
-and the connection reads its next request (keep-alive; pipelined requests wait in the
-read buffer, and reading pauses while the answers are not read). An idle keep-alive
-connection closes after uvicorn's ``timeout_keep_alive``, as on uvicorn's protocol.
+Publish requests: the head and the whole body are read, then `_publish` answers: at
+once when it may start outside a task (`eager`), else as a task. The connection then
+serves its next request (keep-alive; pipelined requests wait in the read buffer, served
+in order by `_serve`'s loop, and reading pauses while the answers are not read). An idle
+keep-alive connection closes after uvicorn's ``timeout_keep_alive``, as uvicorn's does.
 
 Shutdown: `_Server.shutdown` (run.py) closes every connection with SHUTDOWN first;
 this protocol then writes ``retry: 1000`` and the ``shutdown`` event, ends the chunked
@@ -33,12 +34,12 @@ from collections.abc import Coroutine
 from typing import Any, ClassVar, cast
 
 from uvicorn.config import Config
-from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
 from ..event import CloseReason
+from . import eager
 from .app import SSE_PATHS
-from .fastapp import Capture, FastPath, Scope
+from .fastapp import Capture, FastPath
 from .fasthttp import (
     LAST_CHUNK,
     MAX_HEAD,
@@ -77,6 +78,7 @@ class FastProtocol(asyncio.Protocol):
         "_idle",
         "_need",
         "_paused",
+        "_serving",
         "_stopping",
         "conn",
         "phase",
@@ -97,6 +99,7 @@ class FastProtocol(asyncio.Protocol):
         self._buffer = b""
         self._paused = False
         self._stopping = False
+        self._serving = False  # in `_serve`'s loop
         self._need = 0  # bytes the buffer must hold before the request is looked at again
         self._idle: asyncio.TimerHandle | None = None  # the keep-alive timeout, once answered
         self._answered = 0.0  # loop time of the last answer
@@ -112,7 +115,7 @@ class FastProtocol(asyncio.Protocol):
         if phase == _HEAD:
             self._buffer += data
             if len(self._buffer) >= self._need:
-                self._read_head()
+                self._serve()
         elif phase == _BUSY:
             # Pipelined requests behind a publish: read once it is answered.
             self._buffer += data
@@ -180,21 +183,35 @@ class FastProtocol(asyncio.Protocol):
 
     # -- request heads -------------------------------------------------------------------
 
-    def _read_head(self) -> None:
+    def _serve(self) -> None:
+        """Serve the requests in the read buffer, in order, while each is answered at once
+        (an eager publish); stop at one that needs a task, more bytes, or uvicorn."""
+        if self._serving:
+            return  # an answer given inside the loop below: the loop goes on
+        self._serving = True
+        try:
+            while self.phase == _HEAD and self._buffer and not self._paused:
+                if len(self._buffer) < self._need or not self._request():
+                    return
+        finally:
+            self._serving = False
+
+    def _request(self) -> bool:
+        """Take the request at the start of the buffer; False while its bytes are due."""
         buffer = self._buffer
         if not may_be_request(buffer[:64], _REQUEST_LINES):
             self._hand_off()
-            return
+            return True
         end = head_end(buffer)
         if end < 0:
             if len(buffer) > MAX_HEAD:
                 self._hand_off()
-            return
+            return False
         try:
             head = parse_head(buffer[:end])
         except HeadError:
             self._hand_off()  # uvicorn answers it (400) as it always has
-            return
+            return True
         fast = self.fast
         if fast.config is None:
             self._hand_off()
@@ -205,20 +222,27 @@ class FastProtocol(asyncio.Protocol):
         elif fast.publishes and (length := takes(head, fast.max_payload)) is not None:
             if len(buffer) < end + length:
                 self._need = end + length  # the body is on its way
-                return
+                return False
             self._need = 0
             self._buffer = buffer[end + length :]
             self.phase = _BUSY
-            self._start(self._publish(head, buffer[end : end + length]))
+            answering = self._publish(head, buffer[end : end + length])
+            if fast.eager and fast.state.hub.running:
+                self._track(eager.start(answering, fast.loop or asyncio.get_event_loop()))
+            else:
+                self._start(answering)
         else:
             self._hand_off()
+        return True
 
     def _start(self, coro: Coroutine[Any, Any, None]) -> None:
-        loop = self.fast.loop or asyncio.get_event_loop()
-        task = loop.create_task(coro)
-        tasks = self.fast.server_state.tasks
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        self._track((self.fast.loop or asyncio.get_event_loop()).create_task(coro))
+
+    def _track(self, task: asyncio.Task[None] | None) -> None:
+        if task is not None:
+            tasks = self.fast.server_state.tasks
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     def _hand_off(self) -> None:
         """Give the socket and everything read so far to uvicorn's HTTP protocol."""
@@ -248,32 +272,12 @@ class FastProtocol(asyncio.Protocol):
         self.conn = conn
         return True
 
-    def _scope(self, head: RequestHead) -> Scope:
-        fast = self.fast
-        transport = self.transport
-        assert transport is not None and fast.config is not None
-        return {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": head.version,
-            "server": _local_addr(transport),
-            "client": _remote_addr(transport),
-            "scheme": "https" if is_ssl(transport) else "http",
-            "root_path": fast.config.root_path,
-            "method": head.method,
-            "path": head.path,
-            "raw_path": head.raw_path,
-            "query_string": head.query,
-            "headers": head.headers,
-            "state": fast.app_state.copy(),
-            "app": fast.app,
-            "tidings.protocol": self,
-        }
-
     async def _setup(self, head: RequestHead) -> None:
         capture = Capture()
         try:
-            await self.fast.stack(self._scope(head), capture.receive, capture.send)
+            assert self.transport is not None
+            scope = self.fast.scope(head, self.transport, self)
+            await self.fast.stack(scope, capture.receive, capture.send)
         except Exception as exc:  # middleware failing; open_stream itself answers its errors
             log.error("unhandled error opening a stream", exc_info=exc)
             conn, self.conn = self.conn, None
@@ -333,6 +337,7 @@ class FastProtocol(asyncio.Protocol):
         close = result.fatal or not head.keep_alive or self._stopping
         transport.write(result.render(self.fast.server_state.default_headers, close))
         if close:
+            self.phase = _GONE  # serve nothing more; connection_lost cleans up
             transport.close()
             return
         self.phase = _HEAD
@@ -356,7 +361,7 @@ class FastProtocol(asyncio.Protocol):
         if not transport.is_reading():
             transport.resume_reading()
         if self._buffer:
-            self._read_head()
+            self._serve()
 
     def _idle_check(self) -> None:
         self._idle = None
@@ -394,21 +399,3 @@ class FastProtocol(asyncio.Protocol):
             transport.abort()  # it would hold the close (and a shutdown) until it reads
         else:
             transport.close()
-
-
-def _remote_addr(transport: asyncio.Transport) -> tuple[str, int] | None:
-    # The transport's own copies: asking for its "socket" (as uvicorn's helpers do) makes
-    # uvloop create and keep a socket object and both addresses for every connection.
-    info = transport.get_extra_info("peername")
-    if isinstance(info, tuple | list) and len(info) >= 2:
-        return (str(info[0]), int(info[1]))
-    return None
-
-
-def _local_addr(transport: asyncio.Transport) -> tuple[str, int | None] | None:
-    info = transport.get_extra_info("sockname")
-    if isinstance(info, tuple | list) and len(info) >= 2:
-        return (str(info[0]), int(info[1]))
-    if isinstance(info, str):
-        return (info, None)
-    return None

@@ -13,16 +13,18 @@ with the bytes read so far, and the ASGI app answers it as before.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import orjson
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import cookie_parser
 
+from ..auth import Authenticator
+from ..backends.memory import MemoryBackend
 from ..errors import TidingsError
-from .fastapp import INTERNAL
 from .fasthttp import RequestHead, body_length, json_response, response_head
-from .http import Credentials, error_response
+from .http import INTERNAL, Credentials, error_response
 from .publish import publish_one
 from .state import State
 
@@ -32,6 +34,24 @@ PUBLISH_PATH = "/api/v1/publish"
 REQUEST_LINE = b"POST " + PUBLISH_PATH.encode()
 
 RawHeaders = list[tuple[bytes, bytes]]
+
+
+EAGER = os.environ.get("TIDINGS_FASTPATH_EAGER", "1") != "0"
+"""Publishes start at once where they may (`may_start_eagerly`); else each is a task.
+``TIDINGS_FASTPATH_EAGER=0``: always a task (benchmarks, tests of that path)."""
+
+
+def may_start_eagerly(st: State) -> bool:
+    """Whether a publish may start outside a task (`server/eager.py`): nothing it runs
+    before it first suspends asks for the current task. True for the memory backend
+    (nothing in it awaits) with the built-in authenticator and no JWKS URL (a key in
+    hand, no fetch); Redis and NATS clients use timeouts that need a task."""
+    return (
+        EAGER
+        and isinstance(st.hub.backend, MemoryBackend)
+        and type(st.authenticator) is Authenticator
+        and not st.settings.jwt_jwks_url
+    )
 
 
 def takes(head: RequestHead, limit: int) -> int | None:

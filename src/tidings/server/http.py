@@ -16,6 +16,8 @@ from .state import State
 
 log = logging.getLogger("tidings.http")
 
+INTERNAL = "internal error; it has been logged"  # the answer to a bug (app.py's handler's)
+
 
 class JSONResponse(Response):
     media_type = "application/json"
