@@ -102,6 +102,7 @@ async def measure(ctx: Context) -> Result:
         "connect_failures": dict(collector.failures),
         "connect_retries": collector.retries,
         "publish_status": {str(k): v for k, v in sorted(statuses.items())},
+        "publish_errors": dict(publisher.errors),
         "server_rss_kb_before": window.start.rss_kb,
         "server_rss_kb_loaded": end.rss_kb,
         **cpu,

@@ -38,6 +38,7 @@ class Publisher:
         self.host, self.port = host, port
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.errors: Counter[str] = Counter()  # why sends failed (status 0)
 
     async def send(self, request: bytes) -> tuple[int, int]:
         """(status, round trip ns); status 0 for a transport failure."""
@@ -52,7 +53,8 @@ class Publisher:
             self._writer.write(request)
             status = await self._answer(self._reader)
             return status, time.perf_counter_ns() - started
-        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            self.errors[type(exc).__name__] += 1
             self.close()
             return 0, time.perf_counter_ns() - started
 
@@ -90,6 +92,7 @@ class FlatOut:
     """What `flat_out` measured."""
 
     statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # why sends failed (status 0)
     rtts: list[int] = field(default_factory=list)
     started_ns: int = 0
     ended_ns: int = 0
@@ -119,6 +122,7 @@ async def flat_out(
                     await asyncio.sleep(0.01)  # a transport failure: back off, stay bounded
         finally:
             pub.close()
+            result.errors.update(pub.errors)
 
     result.started_ns = time.time_ns()
     await asyncio.gather(*(one() for _ in range(publishers)))

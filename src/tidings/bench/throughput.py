@@ -79,6 +79,7 @@ async def measure(ctx: Context, scenario: str) -> Result:
         "delivery_p50_ms": ms(percentile(collector.latencies, 50)),
         "delivery_p99_ms": ms(percentile(collector.latencies, 99)),
         "publish_status": {str(k): v for k, v in sorted(pubs.statuses.items())},
+        "publish_errors": dict(pubs.errors),
         "connect_failures": dict(collector.failures),
         **pub_cpu,
         "server_cpu_s_total": total_cpu["server_cpu_s_total"],
