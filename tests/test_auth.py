@@ -302,7 +302,7 @@ async def test_verified_tokens_are_cached_until_exp(monkeypatch: pytest.MonkeyPa
         await verifier.verify(token)
 
 
-def signed(
+def hs_signed(
     header: dict[str, Any] | bytes,
     payload: dict[str, Any] | bytes,
     *,
@@ -332,73 +332,80 @@ def _stray_bits(text: str) -> str:
 
 
 HS = {"alg": "HS256", "typ": "JWT"}
-NOW = int(time.time())
-ODD_TOKENS = {
-    "plain": signed(HS, claims()),
-    "plain, Chinese name": signed(HS, claims(name="李雷", tenant="租户")),
-    "no typ": signed({"alg": "HS256"}, claims()),
-    "kid": signed({**HS, "kid": "k1"}, claims()),
-    "kid not a string": signed({**HS, "kid": 7}, claims()),
-    "kid null": signed({**HS, "kid": None}, claims()),
-    "typ not a string": signed({"alg": "HS256", "typ": 5}, claims()),
-    "another header field": signed({**HS, "cty": "x"}, claims()),
-    "crit": signed({**HS, "crit": ["exp"]}, claims()),
-    "b64 false": signed({**HS, "b64": False, "crit": ["b64"]}, claims()),
-    "alg none": signed({"alg": "none"}, claims()),
-    "alg missing": signed({"typ": "JWT"}, claims()),
-    "alg HS512": signed({"alg": "HS512"}, claims(), digest=hashlib.sha512),
-    "alg HS256 twice, last wins": signed(b'{"alg":"none","alg":"HS256"}', claims()),
-    "alg none twice, last wins": signed(b'{"alg":"HS256","alg":"none"}', claims()),
-    "header a list": signed(b'["HS256"]', claims()),
-    "header not JSON": signed(b"{alg", claims()),
-    "payload a list": signed(HS, b'["u1"]'),
-    "payload not JSON": signed(HS, b"{sub"),
-    "payload UTF-16": signed(HS, json.dumps(claims()).encode("utf-16")),
-    "payload NaN": signed(HS, b'{"sub": "u1", "x": NaN}'),
-    "payload deep": signed(HS, b'{"sub": "u1", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
-    "duplicate sub": signed(HS, b'{"sub": "u1", "sub": "u2"}'),
-    "wrong key": signed(HS, claims(), key="another-secret-" + "y" * 32),
-    "padded segments": signed(HS, claims(), mangle=lambda t: t.replace(".", "==.")),
-    "stray bits": signed(HS, claims(pad="x"), mangle=_stray_bits),
-    "no exp": signed(HS, {"sub": "u1"}),
-    "exp past": signed(HS, claims(exp=NOW - 100)),
-    "exp past, in leeway": signed(HS, claims(exp=NOW - 10)),
-    "exp float": signed(HS, claims(exp=NOW + 600.5)),
-    "exp numeric string": signed(HS, claims(exp=str(NOW + 600))),
-    "exp true": signed(HS, claims(exp=True)),
-    "exp word": signed(HS, claims(exp="tomorrow")),
-    "exp huge": signed(HS, b'{"sub": "u1", "exp": 123456789012345678901234567890}'),
-    "exp null": signed(HS, claims(exp=None)),
-    "nbf future": signed(HS, claims(nbf=NOW + 100)),
-    "nbf in leeway": signed(HS, claims(nbf=NOW + 10)),
-    "nbf past": signed(HS, claims(nbf=NOW - 10)),
-    "nbf float": signed(HS, claims(nbf=NOW - 10.5)),
-    "iat future": signed(HS, claims(iat=NOW + 100)),
-    "iat now": signed(HS, claims(iat=NOW)),
-    "iat word": signed(HS, claims(iat="yesterday")),
-    "sub a number": signed(HS, claims(sub=7)),
-    "sub empty": signed(HS, claims(sub="")),
-    "sub missing": signed(HS, {"exp": NOW + 600}),
-    "jti": signed(HS, claims(jti="j1")),
-    "jti a number": signed(HS, claims(jti=7)),
-    "tenant a number": signed(HS, claims(tenant=7)),
-    "iss": signed(HS, claims(iss="https://a")),
-    "iss other": signed(HS, claims(iss="https://b")),
-    "iss a number": signed(HS, claims(iss=7)),
-    "aud": signed(HS, claims(aud="t")),
-    "aud other": signed(HS, claims(aud="u")),
-    "aud empty": signed(HS, claims(aud="")),
-    "aud list": signed(HS, claims(aud=["u", "t"])),
-    "aud list without": signed(HS, claims(aud=["u"])),
-    "aud list with a number": signed(HS, claims(aud=["t", 7])),
-    "aud a number": signed(HS, claims(aud=7)),
-    "aud and iss": signed(HS, claims(aud="t", iss="https://a")),
-    "signature cut": signed(HS, claims())[:-1],
-    "signature longer": signed(HS, claims()) + "A",
-    "signature stray bits": signed(HS, claims())[:-1] + "z",
-    "four segments": signed(HS, claims()) + ".x",
-    "not ASCII": signed(HS, claims()) + "通",
-}
+
+
+def odd_tokens() -> dict[str, str]:
+    """Tokens of every shape the fast path must leave to PyJWT, and the plain ones it
+    takes (built when the test runs: their times are relative to now)."""
+    now = int(time.time())
+    return {
+        "plain": hs_signed(HS, claims()),
+        "plain, Chinese name": hs_signed(HS, claims(name="李雷", tenant="租户")),
+        "no typ": hs_signed({"alg": "HS256"}, claims()),
+        "kid": hs_signed({**HS, "kid": "k1"}, claims()),
+        "kid not a string": hs_signed({**HS, "kid": 7}, claims()),
+        "kid null": hs_signed({**HS, "kid": None}, claims()),
+        "typ not a string": hs_signed({"alg": "HS256", "typ": 5}, claims()),
+        "another header field": hs_signed({**HS, "cty": "x"}, claims()),
+        "crit": hs_signed({**HS, "crit": ["exp"]}, claims()),
+        "b64 false": hs_signed({**HS, "b64": False, "crit": ["b64"]}, claims()),
+        "alg none": hs_signed({"alg": "none"}, claims()),
+        "alg missing": hs_signed({"typ": "JWT"}, claims()),
+        "alg HS512": hs_signed({"alg": "HS512"}, claims(), digest=hashlib.sha512),
+        "alg HS256 twice, last wins": hs_signed(b'{"alg":"none","alg":"HS256"}', claims()),
+        "alg none twice, last wins": hs_signed(b'{"alg":"HS256","alg":"none"}', claims()),
+        "header a list": hs_signed(b'["HS256"]', claims()),
+        "header not JSON": hs_signed(b"{alg", claims()),
+        "payload a list": hs_signed(HS, b'["u1"]'),
+        "payload not JSON": hs_signed(HS, b"{sub"),
+        "payload UTF-16": hs_signed(HS, json.dumps(claims()).encode("utf-16")),
+        "payload NaN": hs_signed(HS, b'{"sub": "u1", "x": NaN}'),
+        "payload deep": hs_signed(HS, b'{"sub": "u1", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        "duplicate sub": hs_signed(HS, b'{"sub": "u1", "sub": "u2"}'),
+        "wrong key": hs_signed(HS, claims(), key="another-secret-" + "y" * 32),
+        "padded segments": hs_signed(HS, claims(), mangle=lambda t: t.replace(".", "==.")),
+        "stray bits": hs_signed(HS, claims(pad="x"), mangle=_stray_bits),
+        "no exp": hs_signed(HS, {"sub": "u1"}),
+        "exp past": hs_signed(HS, claims(exp=now - 100)),
+        "exp past, in leeway": hs_signed(HS, claims(exp=now - 10)),
+        "exp float": hs_signed(HS, claims(exp=now + 600.5)),
+        "exp numeric string": hs_signed(HS, claims(exp=str(now + 600))),
+        "exp true": hs_signed(HS, claims(exp=True)),
+        "exp word": hs_signed(HS, claims(exp="tomorrow")),
+        "exp huge": hs_signed(HS, b'{"sub": "u1", "exp": 123456789012345678901234567890}'),
+        "exp null": hs_signed(HS, claims(exp=None)),
+        "nbf future": hs_signed(HS, claims(nbf=now + 100)),
+        "nbf in leeway": hs_signed(HS, claims(nbf=now + 10)),
+        "nbf past": hs_signed(HS, claims(nbf=now - 10)),
+        "nbf float": hs_signed(HS, claims(nbf=now - 10.5)),
+        "iat future": hs_signed(HS, claims(iat=now + 100)),
+        "iat now": hs_signed(HS, claims(iat=now)),
+        "iat word": hs_signed(HS, claims(iat="yesterday")),
+        "sub a number": hs_signed(HS, claims(sub=7)),
+        "sub empty": hs_signed(HS, claims(sub="")),
+        "sub missing": hs_signed(HS, {"exp": now + 600}),
+        "jti": hs_signed(HS, claims(jti="j1")),
+        "jti a number": hs_signed(HS, claims(jti=7)),
+        "tenant a number": hs_signed(HS, claims(tenant=7)),
+        "iss": hs_signed(HS, claims(iss="https://a")),
+        "iss other": hs_signed(HS, claims(iss="https://b")),
+        "iss a number": hs_signed(HS, claims(iss=7)),
+        "aud": hs_signed(HS, claims(aud="t")),
+        "aud other": hs_signed(HS, claims(aud="u")),
+        "aud empty": hs_signed(HS, claims(aud="")),
+        "aud list": hs_signed(HS, claims(aud=["u", "t"])),
+        "aud list without": hs_signed(HS, claims(aud=["u"])),
+        "aud list with a number": hs_signed(HS, claims(aud=["t", 7])),
+        "aud a number": hs_signed(HS, claims(aud=7)),
+        "aud and iss": hs_signed(HS, claims(aud="t", iss="https://a")),
+        "signature cut": hs_signed(HS, claims())[:-1],
+        "signature longer": hs_signed(HS, claims()) + "A",
+        "signature stray bits": hs_signed(HS, claims())[:-1] + "z",
+        "four segments": hs_signed(HS, claims()) + ".x",
+        "not ASCII": hs_signed(HS, claims()) + "通",
+    }
+
+
 VERIFIER_SETTINGS = {
     "plain": {},
     "no leeway": {"jwt_leeway": 0},
@@ -421,7 +428,7 @@ async def test_hs256_fast_path_answers_exactly_as_pyjwt(config: str) -> None:
     refused (with the same reason) with the fast path as with PyJWT alone."""
     options = {"jwt_secret": SECRET, **VERIFIER_SETTINGS[config]}
     fast_hits = 0
-    for name, token in ODD_TOKENS.items():
+    for name, token in odd_tokens().items():
         fast = JWTVerifier(settings(**options))
         assert fast._hs256_key is not None
         slow = JWTVerifier(settings(**options))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -41,3 +44,20 @@ def test_any_positions_round_trip_within_limit(streams: dict[str, int]) -> None:
 def test_garbled_cursors_are_refused(bad: str) -> None:
     with pytest.raises(cursor.CursorError):
         cursor.decode(bad)
+
+
+@given(st.text(min_size=1, max_size=300))
+def test_stream_hash_is_the_first_six_base32_characters_of_blake2b(name: str) -> None:
+    """The spelled-out base32 of `stream_hash` is the format cursors already carry."""
+    for stream in (name, "u:" + name, "t:" + name):
+        digest = hashlib.blake2b(stream.encode("utf-8", "surrogatepass"), digest_size=5).digest()
+        expected = base64.b32encode(digest).decode().lower()[: cursor.HASH_LEN]
+        assert cursor.stream_hash(stream) == expected
+        assert cursor.stream_hash(stream) == expected  # again, from the cache for shared ones
+
+
+def test_stream_hash_known_values() -> None:
+    assert cursor.stream_hash("b") == cursor.stream_hash("b")
+    for stream in ("b", "u:张三", "t:news"):
+        digest = hashlib.blake2b(stream.encode(), digest_size=5).digest()
+        assert cursor.stream_hash(stream) == base64.b32encode(digest).decode().lower()[:6]

@@ -12,7 +12,6 @@ topics in any order, add or drop some.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 
@@ -26,9 +25,27 @@ class CursorError(ValueError):
     """The cursor is garbled, too long or of another format."""
 
 
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower case
+_B32_PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits → two characters
+_SHARED_HASHES = 4096  # streams whose hashes are kept (broadcasts, popular topics)
+_hashes: dict[str, str] = {}
+
+
 def stream_hash(stream: str) -> str:
+    """The first 6 base32 characters of the stream name's 5-byte BLAKE2b digest."""
+    found = _hashes.get(stream)
+    if found is not None:
+        return found
     digest = hashlib.blake2b(stream.encode(), digest_size=5).digest()
-    return base64.b32encode(digest).decode().lower()[:HASH_LEN]
+    # Six base32 characters are the digest's top 30 bits, 5 bits each (what
+    # base64.b32encode gives, without its pure-Python loop over the whole digest).
+    bits = int.from_bytes(digest, "big") >> 10
+    found = _B32_PAIRS[bits >> 20] + _B32_PAIRS[(bits >> 10) & 1023] + _B32_PAIRS[bits & 1023]
+    if not stream.startswith("u:"):  # users' streams are many and read by few
+        if len(_hashes) >= _SHARED_HASHES:
+            _hashes.clear()
+        _hashes[stream] = found
+    return found
 
 
 def encode(epoch: str, parts: list[str]) -> str:

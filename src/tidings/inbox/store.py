@@ -62,6 +62,7 @@ log = logging.getLogger("tidings.inbox")
 SQLITE_BUSY_TIMEOUT_MS = 5000  # how long a writer waits for SQLite's lock before failing
 PURGE_BATCH = 5000  # rows per DELETE of the retention purge (short locks, bounded WAL)
 COUNT_BATCH = 500  # users per statement of a batched unread count (bind parameters)
+COUNT_WINDOW = 0.002  # seconds a batch of unread counts waits for company in a burst
 
 T = cast(Table, NotificationRow.__table__)
 R = TypeVar("R")
@@ -185,13 +186,18 @@ class Inbox:
             self._reader = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         # Unread counts asked for concurrently (a burst of connects, each needing one for
         # its welcome) share one query per round trip; see batching.py.
-        self._unread = Coalescer(self._unread_batch, 0, limit=COUNT_BATCH)
+        self._unread = Coalescer(self._unread_batch, 0, limit=COUNT_BATCH, window=COUNT_WINDOW)
+        # SQLite: a connection and its aiosqlite driver kept for _sqlite_unread_batch
+        self._counter: tuple[AsyncConnection, Any] | None = None
 
     @property
     def dialect(self) -> Dialect:
         return self.engine.dialect
 
     async def close(self) -> None:
+        counter, self._counter = self._counter, None
+        if counter is not None:
+            await counter[0].close()
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -330,32 +336,51 @@ class Inbox:
         return await self._unread.get((tenant, user))
 
     async def _unread_batch(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        """One statement per tenant, in one checkout, written out as SQL text.
+        """One statement per tenant, written out as SQL text.
 
         This is the hot query of every connect: it skips SQLAlchemy's statement building
-        and caching (hundreds of µs per call for the IN list or the unnest). On SQLite
-        it also runs as one call on aiosqlite's thread through the pooled connection's
-        driver, instead of a thread round trip each for cursor, execute, fetch and close.
+        and caching (hundreds of µs per call for the IN list or the unnest).
         """
         by_tenant: dict[str, list[str]] = {}
         for tenant, user in keys:
             by_tenant.setdefault(tenant, []).append(user)
-        sqlite_driver = self.dialect.name == "sqlite"
+        if self.dialect.name == "sqlite":
+            return await self._sqlite_unread_batch(by_tenant)
 
         async def read(conn: AsyncConnection) -> dict[tuple[str, str], int]:
             counts: dict[tuple[str, str], int] = {}
-            rows: list[tuple[str, int]]
             for tenant, users in by_tenant.items():
-                if sqlite_driver:
-                    driver = (await conn.get_raw_connection()).driver_connection
-                    rows = await _sqlite_unread_counts(driver, tenant, users)
-                else:
-                    result = await conn.exec_driver_sql(_PG_UNREAD, (tenant, users))
-                    rows = cast(list[tuple[str, int]], result.all())
+                result = await conn.exec_driver_sql(_PG_UNREAD, (tenant, users))
+                rows = cast(list[tuple[str, int]], result.all())
                 counts.update(((tenant, user), count) for user, count in rows)
             return counts
 
         return await self._reading(read)
+
+    async def _sqlite_unread_batch(
+        self, by_tenant: Mapping[str, Sequence[str]]
+    ) -> dict[tuple[str, str], int]:
+        """SQLite: each statement is one call on the thread of a connection kept for these
+        counts (the coalescer runs one batch at a time). A pooled connection would add a
+        checkout, and a rollback on its return: each a round trip to aiosqlite's thread,
+        which costs more than the count. The connection holds no transaction between
+        statements, so it sees every commit and keeps no snapshot (or WAL) alive.
+        """
+        if self._counter is None:
+            with _unavailable():
+                conn = await self._reader.connect()
+                self._counter = conn, (await conn.get_raw_connection()).driver_connection
+        counter, driver = self._counter
+        counts: dict[tuple[str, str], int] = {}
+        try:
+            for tenant, users in by_tenant.items():
+                rows = await _sqlite_unread_counts(driver, tenant, users)
+                counts.update(((tenant, user), count) for user, count in rows)
+        except BaseException:
+            self._counter = None  # the next batch opens a fresh one
+            await counter.close()
+            raise
+        return counts
 
     # -- change -------------------------------------------------------------------------
 
@@ -478,11 +503,11 @@ def _sqlite_unread(size: int) -> str:
 
 
 async def _sqlite_unread_counts(
-    driver: Any, tenant: str, users: list[str]
+    driver: Any, tenant: str, users: Sequence[str]
 ) -> list[tuple[str, int]]:
     """Unread counts of `users` through an aiosqlite connection: one call on its thread."""
     size = 1 << (len(users) - 1).bit_length()
-    padded = users + users[-1:] * (size - len(users))  # a repeated name counts once
+    padded = [*users, *[users[-1]] * (size - len(users))]  # a repeated name counts once
     try:
         sql = _sqlite_unread(size)
         rows: list[tuple[str, int]] = await driver.execute_fetchall(sql, (tenant, *padded))
