@@ -114,7 +114,7 @@ def parse_message(body: Any, *, tenant: str | None = None) -> Message:
         if not valid_topic(topic):
             raise InvalidRequest(f"bad topic name {topic[:50]!r}: {TOPIC_RULE}")
     name = body.get("event", "message")
-    if (
+    if name != "message" and (
         not isinstance(name, str)
         or not name
         or len(name) > 64

@@ -65,7 +65,7 @@ class MemoryBackend:
     ) -> Event:
         self._seq += 1
         seq = self._seq
-        event = Event(event_id, tenant, name, data, tuple((s, seq) for s in streams), kind=kind)
+        event = Event(event_id, tenant, name, data, tuple([(s, seq) for s in streams]), kind=kind)
         if kind == CONTROL:
             pass  # instructions, not history
         elif self._size > 0:

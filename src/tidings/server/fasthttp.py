@@ -149,9 +149,13 @@ def is_stream(head: RequestHead, paths: Collection[str]) -> bool:
     )
 
 
-def body_length(head: RequestHead) -> int | None:
+NOT_PLAIN = frozenset({b"transfer-encoding", b"expect"})
+
+
+def body_length(head: RequestHead, refused: Collection[bytes] = NOT_PLAIN) -> int | None:
     """The length of the body after `head` when it is a plain one (one ``Content-Length``
-    of digits, no ``Transfer-Encoding``, no ``Expect``, not an upgrade, HTTP/1.1), else None."""
+    of digits, no ``Transfer-Encoding``, no ``Expect``, not an upgrade, HTTP/1.1), else None.
+    `refused`: the header names that make a request not plain (a superset of NOT_PLAIN)."""
     if head.version != "1.1" or head.upgrade:
         return None
     length = None
@@ -160,7 +164,7 @@ def body_length(head: RequestHead) -> int | None:
             if length is not None or not value.isdigit():
                 return None
             length = int(value)
-        elif name == b"transfer-encoding" or name == b"expect":
+        elif name in refused:
             return None
     return length
 

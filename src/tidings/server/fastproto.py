@@ -57,7 +57,7 @@ from .fastwriter import SHUTDOWN_TAIL, ChunkedSSEConnection
 log = logging.getLogger("tidings.fastpath")
 
 STREAM_PATHS = frozenset(SSE_PATHS)
-_REQUEST_LINES = (*(b"GET " + p.encode() for p in SSE_PATHS), REQUEST_LINE)
+_REQUEST_LINES = (REQUEST_LINE, *(b"GET " + p.encode() for p in SSE_PATHS))  # most often first
 
 # Phases of a FastProtocol.
 _HEAD = 0  # reading a request head

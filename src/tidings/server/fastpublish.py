@@ -23,7 +23,7 @@ from starlette.requests import cookie_parser
 from ..auth import Authenticator
 from ..backends.memory import MemoryBackend
 from ..errors import TidingsError
-from .fasthttp import RequestHead, body_length, json_response, response_head
+from .fasthttp import NOT_PLAIN, RequestHead, body_length, json_response, response_head
 from .http import INTERNAL, Credentials, error_response
 from .publish import publish_one
 from .state import State
@@ -58,10 +58,11 @@ def takes(head: RequestHead, limit: int) -> int | None:
     """The body length of a publish request the fast path serves, else None."""
     if head.method != "POST" or head.path != PUBLISH_PATH:
         return None
-    length = body_length(head)
-    if length is None or length > limit or head.header(b"origin") is not None:
-        return None
-    return length
+    length = body_length(head, _REFUSED)
+    return None if length is None or length > limit else length
+
+
+_REFUSED = NOT_PLAIN | {b"origin"}  # CORS: the app's middleware answers those
 
 
 @dataclass(slots=True)
@@ -97,10 +98,16 @@ async def answer(st: State, head: RequestHead, body: bytes) -> Answer:
 
 def credentials(head: RequestHead) -> Credentials:
     """What `Credentials.of` gives for the same request on the ASGI path."""
-    headers = Headers(raw=head.headers)
-    query = QueryParams(head.query) if head.query else _NO_QUERY
-    cookie = headers.get("cookie")
-    return Credentials(headers, query, cookie_parser(cookie) if cookie else {})
+    cookie = b""
+    for name, value in head.headers:
+        if name == b"cookie":
+            cookie = value  # the first, as Starlette's `Headers.get` finds it
+            break
+    return Credentials(
+        Headers(raw=head.headers),
+        QueryParams(head.query) if head.query else _NO_QUERY,
+        cookie_parser(cookie.decode("latin-1")) if cookie else {},
+    )
 
 
 _NO_QUERY = QueryParams("")
