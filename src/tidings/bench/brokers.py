@@ -57,7 +57,7 @@ async def drop_prefix(url: str) -> None:
             nc = await nats.connect(names.url, connect_timeout=2, max_reconnect_attempts=0)
             try:
                 js = nc.jetstream()
-                for stream in (names.stream, "KV_" + names.seq_bucket, "KV_" + names.idem_bucket):
+                for stream in names.all_streams():
                     with contextlib.suppress(Exception):
                         await js.delete_stream(stream)
             finally:

@@ -63,8 +63,11 @@ class Names:
         return cls(prefix, base + "_E", base + "_H", base + "_SEQ", base + "_IDEM")
 
     def streams(self) -> list[str]:
-        """Every JetStream stream this layout uses (KV buckets are streams ``KV_<bucket>``)."""
-        return [self.commits, self.history, "KV_" + self.counters, "KV_" + self.claims]
+        """Every JetStream stream this layout uses (KV buckets are streams ``KV_<bucket>``),
+        with the presence store's two buckets (backends/nats_presence.py) under the prefix."""
+        base = self.commits.removesuffix("_E")
+        buckets = (self.counters, self.claims, base + "_LIVE", base + "_PRESENCE")
+        return [self.commits, self.history, *("KV_" + bucket for bucket in buckets)]
 
     def commit_subject(self, tenant: str) -> str:
         return f"{self.prefix}.e.{token(tenant)}"
