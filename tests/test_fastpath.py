@@ -26,7 +26,7 @@ from server import StartServer, TidingsServer
 from sse_client import WAIT, Api, SSEClient, expect_marker, open_stream, sse_stream
 from tidings.auth import Principal
 from tidings.connection import SSEConnection
-from tidings.event import Event
+from tidings.event import CloseReason, Event
 from tidings.server import fastpath
 from tidings.server.fasthttp import (
     LAST_CHUNK,
@@ -261,6 +261,7 @@ async def test_the_inlined_offer_delivers_exactly_what_the_base_class_would() ->
         conn.pending = None
         conn.direct = written[name].append
 
+    await _a_lone_event()
     seqs = {s: 2 for s in [*streams, "t:other"]}
 
     def event(n: int, *on: str, again: bool = False) -> Event:
@@ -280,25 +281,71 @@ async def test_the_inlined_offer_delivers_exactly_what_the_base_class_would() ->
         results = {name: conn.offer(ev) for name, conn in conns.items()}
         assert results["fast"] == results["ref"], ev
     fast, ref = conns["fast"], conns["ref"]
-    assert len(written["fast"]) == 1  # one write for the first six events
+    assert len(written["fast"]) == 2  # the first event as offered, the next five in one write
     assert _dechunk(b"".join(written["fast"])) == _dechunk(b"".join(written["ref"]))
     assert fast.drain() == ref.drain()  # the frames buffered while paused
     assert (fast.positions, fast.cursor()) == (ref.positions, ref.cursor())
     assert len(list(SSEParser().feed(_dechunk(b"".join(written["ref"]))))) == 4  # not vacuous
 
 
-async def test_frames_of_one_loop_iteration_leave_in_one_write() -> None:
-    conn = fastpath.ChunkedSSEConnection(Principal("bo"), ["u:bo"], limit=2, epoch="ep")
-    conn.set_position("u:bo", 0)
+def _writable(user_id: str, limit: int = 1000) -> tuple[fastpath.ChunkedSSEConnection, list[bytes]]:
+    conn = fastpath.ChunkedSSEConnection(Principal(user_id), [f"u:{user_id}"], limit=limit)
+    conn.set_position(f"u:{user_id}", 0)
     conn.pending = None
     writes: list[bytes] = []
     conn.direct = writes.append
-    for seq in range(1, 6):  # more than `limit`: a burst is not an overflow
-        assert conn.offer(Event(f"e{seq}", "", "message", seq, (("u:bo", seq),)))
-    assert writes == [] and conn.closed is None
+    return conn, writes
+
+
+async def _a_lone_event() -> None:
+    """A loop iteration with one event: the next iteration's first event is written as
+    it is offered, whatever earlier tests left behind."""
+    conn, _ = _writable("lone")
+    assert conn.offer(Event("lone", "", "message", 0, (("u:lone", 1),)))
     await asyncio.sleep(0)
-    assert len(writes) == 1 and not conn.buffer
-    assert [e.data for e in SSEParser().feed(_dechunk(writes[0]))] == ["1", "2", "3", "4", "5"]
+
+
+async def test_the_first_event_of_an_iteration_is_written_as_offered_later_ones_coalesced() -> None:
+    await _a_lone_event()
+    conn, writes = _writable("bo", limit=2)
+
+    def offer(seq: int) -> None:
+        assert conn.offer(Event(f"e{seq}", "", "message", seq, (("u:bo", seq),)))
+
+    offer(1)
+    assert len(writes) == 1  # as offered: the client reads it while the pass goes on
+    for seq in range(2, 6):  # more than `limit`: a burst is not an overflow
+        offer(seq)
+    assert len(writes) == 1 and conn.closed is None
+    await asyncio.sleep(0)
+    assert len(writes) == 2 and not conn.buffer  # the rest of the iteration in one write
+    offer(6)
+    offer(7)
+    assert len(writes) == 2  # after an iteration of several events, everything coalesces
+    await asyncio.sleep(0)
+    assert len(writes) == 3
+    offer(8)
+    await asyncio.sleep(0)  # one event alone ...
+    assert len(writes) == 4
+    offer(9)
+    assert len(writes) == 5  # ... and the next iteration writes as it goes again
+    frames = SSEParser().feed(_dechunk(b"".join(writes)))
+    assert [e.data for e in frames] == [str(seq) for seq in range(1, 10)]
+
+
+async def test_a_paused_connection_buffers_in_order_then_overflows_as_slow() -> None:
+    await _a_lone_event()
+    conn, writes = _writable("cy", limit=3)
+    conn.offer(Event("e1", "", "message", 1, (("u:cy", 1),)))  # written as offered
+    conn.direct = None  # the transport paused: no writes, frames wait in the buffer
+    for seq in (2, 3, 4):
+        assert conn.offer(Event(f"e{seq}", "", "message", seq, (("u:cy", seq),)))
+    await asyncio.sleep(0)
+    assert len(writes) == 1 and conn.closed is None
+    frames = SSEParser().feed(_dechunk(b"".join(writes + conn.buffer)))
+    assert [e.data for e in frames] == ["1", "2", "3", "4"]
+    conn.offer(Event("e5", "", "message", 5, (("u:cy", 5),)))
+    assert conn.closed is CloseReason.SLOW and len(writes) == 1
 
 
 def test_the_switch_is_the_environment_then_the_module_default(

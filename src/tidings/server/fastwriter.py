@@ -3,8 +3,10 @@
 `ChunkedSSEConnection` frames each event as one chunk of the response's chunked body,
 ready for ``transport.write``, so the protocol adds nothing per frame. Its `offer`
 does the common case of fan-out (a writable connection, an event on one stream)
-inline; with `COALESCE` the frames of one loop iteration leave in one write per
-socket (`_flush`, one callback per iteration for all connections).
+inline. The first event fanned out in a loop iteration is written to each socket as it
+is offered, so clients read it while the pass goes on; with `COALESCE` the frames of
+later events of the same iteration (and of all events while publishes come in bursts)
+leave in one write per socket (`_flush`, one callback per iteration for all connections).
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from ..event import Event
 from .fasthttp import LAST_CHUNK, chunk
 
 COALESCE = os.environ.get("TIDINGS_FASTPATH_COALESCE", "1") != "0"
-"""Fan-out appends each frame to its connection's buffer and one callback per loop
-iteration writes each buffer with one write (several publishes in one iteration cost one
-send per socket: twice the deliveries/s under load, the same fan-out latency); else
-fan-out calls `transport.write` per frame. ``TIDINGS_FASTPATH_COALESCE=0`` (benchmarks)."""
+"""The first event of a loop iteration is written per recipient as it is offered (the
+first subscriber has it at once, the last sooner: docs/benchmarks.md, "Fan-out: profile
+and changes"); the frames of later events in the same iteration, and of every event in
+the iteration after one that had several (a burst of publishes), are appended to their
+connection's buffer and one callback per iteration writes each buffer with one write
+(under load, one send per socket for several publishes: 2-3x the deliveries/s of a
+write per frame). ``TIDINGS_FASTPATH_COALESCE=0``: fan-out calls `transport.write` per
+frame for every event (benchmarks)."""
 
 PING_CHUNK = chunk(wire.PING)
 SHUTDOWN_TAIL = (
@@ -76,7 +82,17 @@ class ChunkedSSEConnection(SSEConnection):
         body = event.sse_body
         frame = b"%x\r\nid: %b\n%b\r\n" % (len(cursor) + len(body) + 5, cursor, body)
         if COALESCE:
+            round_ = _round
+            first = round_[0]
+            if first is None:  # the first event of this loop iteration
+                round_[0] = first = event
+                asyncio.get_running_loop().call_soon(_flush)
+            elif first is not event:
+                round_[1] = True  # more than one: the next iteration coalesces all
             buffer = self.buffer
+            if first is event and not buffer and not round_[2]:
+                direct(frame)  # as it goes: clients read while the pass goes on
+                return True
             if not buffer:
                 _dirty.append(self)
                 if len(_dirty) == 1:
@@ -88,12 +104,18 @@ class ChunkedSSEConnection(SSEConnection):
 
 
 _last_part: list[Any] = [None, 0, ""]  # (stream, seq) -> cursor part of the event in fan-out
+# This loop iteration's first event (written as it goes unless the last iteration had
+# several), whether it has had several, whether the last one had several.
+_round: list[Any] = [None, False, False]
 _dirty: list[SSEConnection] = []  # connections with frames for the next _flush
 
 
 def _flush() -> None:
-    """Write each connection's frames of this loop iteration with one write."""
+    """Write each connection's frames of this loop iteration's later events with one write."""
     global _dirty
+    round_ = _round
+    if round_[0] is not None:  # else a second call this iteration: the first ended it
+        round_[0], round_[1], round_[2] = None, False, round_[1]
     dirty, _dirty = _dirty, []
     for conn in dirty:
         direct = conn.direct
