@@ -904,3 +904,58 @@ async def test_serve_shutdown_closes_1001_and_restart_resets(start_server: Start
     async with connect(url, proxy=None) as ws:
         await expect(ws, "welcome")
         assert "restart" in (await expect(ws, "reset"))["reason"]
+
+
+def test_the_inlined_offer_writes_exactly_what_the_base_class_would() -> None:
+    """WSSocket.offer takes a shortcut for single-stream events on a direct writer; frames,
+    positions and cursors must equal the general path's, including duplicates, foreign
+    streams, multi-stream events, a paused socket and a closed connection."""
+    from tidings.connection import WSConnection
+    from tidings.event import CloseReason, Event
+
+    streams = ["u:amy", "b", "t:news", "t:sport"]
+
+    class Reference(WSSocket):
+        __slots__ = ()
+        offer = WSConnection.offer  # the general path: deliver -> frame -> push
+
+    written: dict[str, list[bytes]] = {"fast": [], "ref": []}
+    conns = {
+        "fast": WSSocket(Principal("amy"), streams, limit=3, epoch="ep1"),
+        "ref": Reference(Principal("amy"), streams, limit=3, epoch="ep1"),
+    }
+    for name, conn in conns.items():
+        for stream in streams:
+            conn.set_position(stream, 2)
+        conn.pending = None
+        conn.direct = written[name].append
+    seqs = {s: 2 for s in [*streams, "t:other"]}
+
+    def event(n: int, *on: str, again: bool = False) -> Event:
+        if not again:
+            for s in on:
+                seqs[s] += 1
+        return Event(f"e{n}", "", "tick", {"n": n, "文": "字"}, tuple((s, seqs[s]) for s in on))
+
+    script = [event(0, "t:news"), event(1, "t:news"), event(1, "t:news", again=True)]
+    script += [event(2, "u:amy"), event(3, "t:other"), event(4, "t:news", "b")]
+    script += [event(5, "t:sport"), event(6, "b", "u:amy"), Event("old", "", "x", 1, (("b", 1),))]
+    script += [event(7, "t:news"), event(8, "t:news"), event(9, "t:news"), event(10, "b")]
+    for n, ev in enumerate(script):
+        if n == 6:  # paused: both buffer from here on, and overflow alike
+            for conn in conns.values():
+                conn.direct = None
+        results = {name: conn.offer(ev) for name, conn in conns.items()}
+        assert results["fast"] == results["ref"], ev
+    fast, ref = conns["fast"], conns["ref"]
+    assert written["fast"] == written["ref"] and len(written["ref"]) == 4  # not vacuous
+    assert fast.buffer == ref.buffer
+    assert fast.closed is ref.closed is CloseReason.SLOW
+    assert (fast.positions, fast.cursor()) == (ref.positions, ref.cursor())
+    for conn in conns.values():  # closed, though a writer is still attached: nothing more
+        conn.direct = written["fast" if conn is fast else "ref"].append
+    last = event(11, "t:news")
+    assert fast.offer(last) == ref.offer(last)
+    assert written["fast"] == written["ref"] and len(written["ref"]) == 4
+    frames = [orjson.loads(f) for f in written["fast"]]
+    assert [f["data"]["n"] for f in frames] == [0, 1, 2, 4]

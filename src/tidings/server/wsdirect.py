@@ -9,6 +9,7 @@ so that a fan-out costs one transport write per recipient and no ASGI send.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from typing import Any
 
@@ -58,8 +59,12 @@ def _text_header(size: int) -> bytes:
     if size < 126:
         return bytes((0x81, size))
     if size < 65536:
-        return b"\x81\x7e" + size.to_bytes(2, "big")
-    return b"\x81\x7f" + size.to_bytes(8, "big")
+        return _HEAD16(0x81, 126, size)
+    return _HEAD64(0x81, 127, size)
+
+
+_HEAD16 = struct.Struct("!BBH").pack
+_HEAD64 = struct.Struct("!BBQ").pack
 
 
 class DirectWriter:
