@@ -228,19 +228,19 @@ async def test_mint_token_issuer_audience_and_validation() -> None:
 
 @pytest.mark.parametrize(
     ("payload", "reason"),
-    [
-        (claims(exp=int(time.time()) - 100), "token expired"),
-        (claims(nbf=int(time.time()) + 100), "token not yet valid"),
-        ({"exp": int(time.time()) + 60}, "sub claim"),
-        (claims(sub=""), "sub claim"),
-        (claims(exp="tomorrow"), "malformed token"),
-        (claims(iat="yesterday"), "token"),
+    [  # built when the test runs: times relative to collection go stale in a long session
+        (lambda: claims(exp=int(time.time()) - 100), "token expired"),
+        (lambda: claims(nbf=int(time.time()) + 100), "token not yet valid"),
+        (lambda: {"exp": int(time.time()) + 60}, "sub claim"),
+        (lambda: claims(sub=""), "sub claim"),
+        (lambda: claims(exp="tomorrow"), "malformed token"),
+        (lambda: claims(iat="yesterday"), "token"),
     ],
 )
-async def test_hs256_claims_refused(payload: dict[str, Any], reason: str) -> None:
+async def test_hs256_claims_refused(payload: Any, reason: str) -> None:
     verifier = JWTVerifier(settings(jwt_secret=SECRET))
     with pytest.raises(Unauthorized, match=reason):
-        await verifier.verify(jwt.encode(payload, SECRET, algorithm="HS256"))
+        await verifier.verify(jwt.encode(payload(), SECRET, algorithm="HS256"))
 
 
 async def test_leeway_is_honoured() -> None:

@@ -49,6 +49,12 @@ _VERIFIED_CACHE_SIZE = 4096
 # 32-byte signature (43 characters). Others go to PyJWT (see JWTVerifier._hs256_claims).
 _HS256_TOKEN = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]{43})")
 _PLAIN_HEADER = frozenset({"alg", "typ", "kid"})
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+# base64url character -> its 6-bit value (only the alphabet: `_HS256_TOKEN` checked it)
+_B64URL = {
+    c: i for i, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
 
 
 def _peek_header(token: str) -> dict[str, Any]:
@@ -185,9 +191,10 @@ class JWTVerifier:
         match = _HS256_TOKEN.fullmatch(token)
         if match is None:
             return None
-        signed = token[: match.end(2)].encode("ascii")
-        expected = base64.urlsafe_b64encode(hmac.digest(key, signed, "sha256")).rstrip(b"=")
-        if not hmac.compare_digest(expected, match.group(3).encode("ascii")):
+        raw = token.encode("ascii")
+        cut = match.end(2)
+        mac = binascii.b2a_base64(hmac.digest(key, raw[:cut], "sha256"), newline=False)
+        if not hmac.compare_digest(mac[:-1].translate(_TO_URLSAFE), raw[cut + 1 :]):
             return None
         header = _json_segment(match.group(1))
         if (
@@ -315,11 +322,16 @@ def _json_segment(segment: str) -> Any:
     the times must be ints here and every claim read is typed (strings, lists, true).
     """
     raw = segment.encode("ascii")
-    try:
-        data = base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
-    except binascii.Error:
+    rest = len(raw) % 4
+    if rest == 1:
         return None
-    if base64.urlsafe_b64encode(data).rstrip(b"=") != raw:  # stray bits: PyJWT refuses
+    # A last character with bits beyond the data set is a non-canonical encoding of the
+    # same bytes: PyJWT refuses it.
+    if rest and _B64URL[raw[-1]] & (0b1111 if rest == 2 else 0b11):
+        return None
+    try:
+        data = binascii.a2b_base64(raw.translate(_URLSAFE) + b"=" * (-len(raw) % 4))
+    except binascii.Error:
         return None
     try:
         return orjson.loads(data)

@@ -24,7 +24,7 @@ from ..errors import Forbidden, InvalidRequest, OverCapacity, RateLimited
 from ..hub import TOPIC_RULE
 from ..topics import valid_topic
 from ..wire import split_list
-from .http import client_ip, principal, state
+from .http import Credentials, authenticate, client_ip, state
 from .state import State
 
 C = TypeVar("C", bound=Connection)
@@ -47,22 +47,25 @@ async def open_sse(request: HTTPConnection, connection: type[C]) -> Opened[C]:
     does not answer 503): the caller answers it as JSON. Any other exception is a bug.
     """
     st = state(request)
-    wait = st.connect_limit.retry_after(client_ip(request))
-    if wait is not None:
-        raise RateLimited("too many connection attempts from this address", retry_after=wait)
-    who = await principal(request)
+    if st.connect_limit.rate > 0:
+        wait = st.connect_limit.retry_after(client_ip(request))
+        if wait is not None:
+            raise RateLimited("too many connection attempts from this address", retry_after=wait)
+    credentials = Credentials.of(request)
+    who = await authenticate(st, credentials)
     subscriber(who)
-    topics = requested_topics(st, who, request.query_params)
+    topics = requested_topics(st, who, credentials.query)
     check_capacity(st, who)
-    if not st.hub.running:
-        await st.hub.start()
+    hub = st.hub
+    if not hub.running:
+        await hub.start()
     unread = await st.unread_count(who)
     # Interned stream names: every connection's dicts share one key object per stream,
     # so fan-out's lookups compare pointers and touch no per-connection string.
-    streams = [sys.intern(s) for s in st.hub.streams_for(who, topics)]
+    streams = [sys.intern(s) for s in hub.streams_for(who, topics)]
     conn = connection(who, streams, limit=st.settings.client_buffer_size)
-    cursor = wire.last_event_id(request.headers, request.query_params)
-    resumption = await st.hub.broker.attach(conn, cursor)  # on failure it leaves no trace
+    cursor = wire.last_event_id(credentials.headers, credentials.query)
+    resumption = await hub.broker.attach(conn, cursor)  # on failure it leaves no trace
     welcome = {
         "connection_id": conn.id,
         "user_id": who.user_id,
