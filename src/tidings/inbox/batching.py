@@ -58,9 +58,13 @@ class Coalescer(Generic[K, V]):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def get(self, key: K) -> V:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # first use, or a new event loop (tests): start afresh
-            self._loop, self._waiting, self._task = loop, {}, None
+        loop = self._loop
+        # While a batch runs, its loop is the running one; else ask (on Python 3.11 that
+        # is a system call, getpid).
+        if self._task is None or loop is None or loop.is_closed():
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:  # first use, or a new event loop (tests): afresh
+                self._loop, self._waiting, self._task = loop, {}, None
         future: asyncio.Future[V] = loop.create_future()
         waiters = self._waiting.get(key)
         if waiters is None:
