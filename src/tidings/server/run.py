@@ -102,6 +102,7 @@ class _Server(uvicorn.Server):
         # full passes skip it: while thousands of streams open, each of those passes
         # scanned it all again (0.3 s each; ~1/3 of the CPU time of a connect burst).
         gc.freeze()
+        gc.set_threshold(*gc_threshold())
         if self.started and self.ready is not None:
             self.ready.set()
 
@@ -120,6 +121,29 @@ class _Server(uvicorn.Server):
         log.info("shutting down: told %d connections to reconnect elsewhere", closed)
         await said_goodbye(self.hub)  # WebSockets close with 1001 before uvicorn's 1012
         await super().shutdown(sockets)
+
+
+GC_THRESHOLD = (50_000, 20, 10)
+"""The collector's thresholds once serving (Python's are 700, 10, 10). A WebSocket holds
+~140 tracked objects, and each full pass scans every live one (~1 s for 10,000
+sockets on a busy machine): with Python's thresholds such passes took half the CPU of
+a burst of WebSocket connects; with these, full passes are ~100x rarer (2x the
+connects/s; docs/benchmarks.md, "Fan-out: profile and changes"). Cyclic garbage of
+closed connections waits longer for a full pass. ``TIDINGS_GC_THRESHOLD=700,10,10``
+(three integers) sets others."""
+
+
+def gc_threshold() -> tuple[int, int, int]:
+    """`GC_THRESHOLD`, or ``TIDINGS_GC_THRESHOLD`` (three comma-separated integers) if set."""
+    raw = os.environ.get("TIDINGS_GC_THRESHOLD", "").strip()
+    if raw:
+        try:
+            first, second, third = (int(part) for part in raw.split(","))
+        except ValueError:
+            log.warning("TIDINGS_GC_THRESHOLD=%r is not three integers: ignored", raw)
+        else:
+            return first, second, third
+    return GC_THRESHOLD
 
 
 def raise_open_file_limit() -> int:
