@@ -125,7 +125,7 @@ class _Server(uvicorn.Server):
 
 GC_THRESHOLD = (50_000, 20, 10)
 """The collector's thresholds once serving (Python's are 700, 10, 10). A WebSocket holds
-~140 tracked objects, and each full pass scans every live one (~1 s for 10,000
+~130 tracked objects, and each full pass scans every live one (~1 s for 10,000
 sockets on a busy machine): with Python's thresholds such passes took half the CPU of
 a burst of WebSocket connects; with these, full passes are ~100x rarer (2x the
 connects/s; docs/benchmarks.md, "Fan-out: profile and changes"). Cyclic garbage of
