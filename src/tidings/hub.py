@@ -58,10 +58,10 @@ _EVENT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVW
 def new_event_id() -> str:
     """Time-ordered, unique: 12 hex digits of milliseconds + 10 random (`random`, seeded
     from the OS and reseeded in a forked child; no system call per id)."""
-    return f"{int(time.time() * 1000):012x}{_random_bits(40):010x}"
+    return ((int(time.time() * 1000) << 40) | _random_bits(40)).to_bytes(11, "big").hex()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, though nothing changes one: 4x cheaper to build
 class Message:
     """One validated publish request (API.md §6)."""
 
@@ -92,6 +92,8 @@ def _strings(body: dict[str, Any], key: str, limit: int) -> tuple[str, ...]:
     for v in value:
         if not v or not isinstance(v, str):
             raise InvalidRequest(f"`{key}` must be a list of non-empty strings")
+    if len(value) == 1:
+        return (value[0],)
     if len(value) > limit:
         raise InvalidRequest(f"`{key}` may name at most {limit} entries")
     return tuple(dict.fromkeys(value))  # de-duplicated, order kept
