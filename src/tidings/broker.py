@@ -352,8 +352,8 @@ def _merge(runs: list[list[Event]]) -> list[Event]:
     An event on several streams appears in several runs; delivery drops the
     second copy because the connection's positions already passed it.
     """
-    if len(runs) == 1:
-        return runs[0]
+    if len(runs) <= 1:  # nearly every opening: nothing to replay (no heapq.merge set up)
+        return runs[0] if runs else []
     return list(heapq.merge(*runs, key=lambda e: e.ts))
 
 
