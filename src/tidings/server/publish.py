@@ -50,7 +50,7 @@ async def publish_one(
     `body()` gives the raw body within TIDINGS_MAX_PAYLOAD; it is read after the
     credential is checked.
     """
-    counters = st.metrics.publish_requests
+    outcomes = st.metrics.publish_requests
     try:
         who = identified(await authenticate(st, credentials))
         message = _message(decode_json(await body()), who.is_server, who.tenant)
@@ -62,9 +62,9 @@ async def publish_one(
         # One request, one publish: nothing to pause for (see Hub.emit).
         event_id = await hub.publish_message(message, pause=False)
     except TidingsError as exc:
-        counters.labels(exc.code).inc()
+        outcomes.inc(exc.code)
         raise
-    st.metrics.publishes_accepted.inc()
+    outcomes.inc("accepted")
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
             "publish %s tenant=%r users=%d topics=%d broadcast=%s event=%s",
@@ -99,7 +99,7 @@ async def publish_batch(request: Request) -> JSONResponse:
     hub = await _running_hub(request)
     ids = [await hub.publish_message(m) for m in messages]
     log.debug("publish batch of %d: %s … %s", len(ids), ids[0], ids[-1])
-    state(request).metrics.publishes_accepted.inc()
+    state(request).metrics.publish_requests.inc("accepted")
     return JSONResponse({"ids": ids}, status_code=202)
 
 
