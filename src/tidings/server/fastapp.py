@@ -87,6 +87,7 @@ class FastPath:
         self.max_payload = self.state.settings.max_payload
         self.eager = may_start_eagerly(self.state)
         self.keep_alive_s = 5.0  # uvicorn's timeout_keep_alive, from the config
+        self.access_log = False  # uvicorn's access_log, from the config
 
     def bind(
         self,
@@ -102,6 +103,7 @@ class FastPath:
         self.app_state = app_state
         self.loop = loop or asyncio.get_event_loop()
         self.keep_alive_s = float(config.timeout_keep_alive)
+        self.access_log = bool(config.access_log)
         stack: Any = self.open_stream
         for cls, args, kwargs in reversed(self.app.user_middleware):
             stack = cls(stack, *args, **kwargs)
@@ -168,6 +170,17 @@ class FastPath:
             who.tenant,
             topics,
         )
+
+
+_access_log = logging.getLogger("uvicorn.access")
+
+
+def log_access(transport: asyncio.Transport | None, head: RequestHead, status: int) -> None:
+    """The line uvicorn's access log writes for a request it answers (redacted by `logs`)."""
+    peer = _remote_addr(transport) if transport is not None else None
+    client = f"{peer[0]}:{peer[1]}" if peer else "-"
+    path = head.path + ("?" + head.query.decode("latin-1") if head.query else "")
+    _access_log.info('%s - "%s %s HTTP/%s" %d', client, head.method, path, head.version, status)
 
 
 def _remote_addr(transport: asyncio.Transport) -> tuple[str, int] | None:

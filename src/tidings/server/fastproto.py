@@ -39,7 +39,7 @@ from uvicorn.server import ServerState
 from ..event import CloseReason
 from . import eager
 from .app import SSE_PATHS
-from .fastapp import Capture, FastPath
+from .fastapp import Capture, FastPath, log_access
 from .fasthttp import (
     LAST_CHUNK,
     MAX_HEAD,
@@ -287,6 +287,8 @@ class FastProtocol(asyncio.Protocol):
             await capture.internal_error()
         if self.phase != _SETUP:
             return  # the client left; connection_lost cleaned up
+        if self.fast.access_log:
+            log_access(self.transport, head, capture.status or 500)
         if capture.status == 200 and self.conn is not None:
             self._go_live(capture)
         else:
@@ -336,6 +338,8 @@ class FastProtocol(asyncio.Protocol):
             return  # the client left; connection_lost cleaned up
         close = result.fatal or not head.keep_alive or self._stopping
         transport.write(result.render(self.fast.server_state.default_headers, close))
+        if self.fast.access_log:
+            log_access(transport, head, result.status)
         if close:
             self.phase = _GONE  # serve nothing more; connection_lost cleans up
             transport.close()
