@@ -756,3 +756,49 @@ async def test_an_oversized_head_is_left_to_uvicorn(srv: TidingsServer) -> None:
         assert status == 401  # uvicorn parsed it and the ASGI path answered
     finally:
         await raw.close()
+
+
+class _Reference:
+    """llhttp's own view of a head, by its callbacks: what `parse_head` must agree with."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /api/v1/stream?topics=a,b&token=t HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x? HTTP/1.1\r\n\r\n",
+        b"GET /x?a?b HTTP/1.1\r\n\r\n",
+        b"GET /x?q=a%20b#frag HTTP/1.1\r\n\r\n",
+        b"GET /x#frag HTTP/1.1\r\n\r\n",
+        b"GET http://example.com/x?y=1 HTTP/1.1\r\n\r\n",
+        b"GET //x/./y HTTP/1.1\r\n\r\n",
+        b"GET * HTTP/1.1\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nX:a\r\nY:   b c  \r\nZ: \r\nW:\r\nV:\t\tv\t\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nX:: a\r\nY: a:b\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nX-Dup: 1\r\nx-DUP: 2\r\nCookie: a=b; tidings_token=c\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nX: caf\xc3\xa9 \xff\r\n\r\n",
+        b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"POST /api/v1/publish HTTP/1.1\r\nContent-Length: 12\r\nExpect: 100-continue\r\n\r\n",
+        b"POST /api/v1/publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+def test_headers_and_target_are_read_as_llhttp_reports_them(raw: bytes) -> None:
+    reference = _Reference()
+    parser = httptools.HttpRequestParser(reference)
+    with contextlib.suppress(httptools.HttpParserUpgrade):
+        parser.feed_data(raw)
+    url = httptools.parse_url(reference.url)
+    head = parse_head(raw)
+    assert head.headers == reference.headers
+    assert (head.raw_path, head.query) == (url.path or b"/", url.query or b"")
