@@ -31,6 +31,7 @@ from tidings.server import fastpath
 from tidings.server.fasthttp import (
     LAST_CHUNK,
     MAX_HEAD,
+    HeadCache,
     HeadError,
     chunk,
     head_end,
@@ -802,3 +803,47 @@ def test_headers_and_target_are_read_as_llhttp_reports_them(raw: bytes) -> None:
     head = parse_head(raw)
     assert head.headers == reference.headers
     assert (head.raw_path, head.query) == (url.path or b"/", url.query or b"")
+
+
+# -- the head cache ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        b"POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+        b"Content-Length: %s\r\n\r\n",
+        b"POST /api/v1/publish?token=t HTTP/1.1\r\ncontent-length: %s\r\nConnection: close\r\n\r\n",
+        b"GET /api/v1/stream HTTP/1.1\r\nContent-Length: %s\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nCONTENT-LENGTH: %s\r\n\r\n",  # another spelling: kept whole
+        b"POST /x HTTP/1.0\r\nContent-Length: %s\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: %s\r\n\r\n",
+        b"GET /api/v1/stream HTTP/1.1\r\nHost: x\r\n\r\n%s",
+    ],
+)
+def test_the_head_cache_reads_every_head_as_parse_head_does(template: bytes) -> None:
+    cache = HeadCache()
+    for digits in [b"5", b"0", b"12", b"000", b"5", b"999999999", b"1234567890", b"0", b"7"]:
+        raw = template % digits if template.endswith(b"\r\n\r\n") else template % b""
+        assert cache.parse(raw) == parse_head(raw), digits
+
+
+def test_the_head_cache_hands_out_copies_and_keeps_no_malformed_head() -> None:
+    cache = HeadCache()
+    raw = b"POST /api/v1/publish HTTP/1.1\r\nContent-Length: 3\r\n\r\n"
+    cache.parse(raw).headers.append((b"x", b"y"))
+    assert cache.parse(raw) == parse_head(raw)
+    bad = b"POST /api/v1/publish HTTP/1.1\r\nContent-Length: 3\r\nBad Header\r\n\r\n"
+    for _ in range(2):
+        with pytest.raises(HeadError):
+            cache.parse(bad)
+
+
+def test_the_head_cache_is_bounded() -> None:
+    cache = HeadCache(size=4)
+    for n in range(10):
+        cache.parse(b"GET /x%d HTTP/1.1\r\n\r\n" % n)
+        assert len(cache._heads) <= 4
+    big = b"GET /x HTTP/1.1\r\nX: " + b"a" * HeadCache.MAX_KEPT + b"\r\n\r\n"
+    assert cache.parse(big) == parse_head(big) and big not in cache._heads

@@ -74,8 +74,8 @@ class Message:
     idempotency_key: str | None = None
 
     def streams(self) -> list[str]:
-        streams = [user_stream(u) for u in self.users]
-        streams += [topic_stream(t) for t in self.topics]
+        streams = list(map(user_stream, self.users))
+        streams += map(topic_stream, self.topics)
         if self.broadcast:
             streams.append(BROADCAST)
         return streams

@@ -65,7 +65,10 @@ class MemoryBackend:
     ) -> Event:
         self._seq += 1
         seq = self._seq
-        event = Event(event_id, tenant, name, data, tuple([(s, seq) for s in streams]), kind=kind)
+        positions = (
+            tuple([(s, seq) for s in streams]) if len(streams) != 1 else ((streams[0], seq),)
+        )
+        event = Event(event_id, tenant, name, data, positions, kind=kind)
         if kind == CONTROL:
             pass  # instructions, not history
         elif self._size > 0:

@@ -25,7 +25,7 @@ from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
 from ..errors import TidingsError
-from .fasthttp import RequestHead, chunk
+from .fasthttp import HeadCache, RequestHead, chunk
 from .fastpublish import may_start_eagerly
 from .fastwriter import ChunkedSSEConnection
 from .http import INTERNAL, error_response
@@ -84,6 +84,7 @@ class FastPath:
         # Publish requests are served here only when the app's middleware is at most
         # CORS (which leaves requests without an Origin header alone): server/fastpublish.py.
         self.publishes = all(getattr(m, "cls", None) is CORSMiddleware for m in app.user_middleware)
+        self.heads = HeadCache()
         self.max_payload = self.state.settings.max_payload
         self.eager = may_start_eagerly(self.state)
         self.keep_alive_s = 5.0  # uvicorn's timeout_keep_alive, from the config

@@ -48,7 +48,6 @@ from .fasthttp import (
     head_end,
     is_stream,
     may_be_request,
-    parse_head,
     response_head,
 )
 from .fastpublish import REQUEST_LINE, Answer, answer, takes
@@ -207,12 +206,12 @@ class FastProtocol(asyncio.Protocol):
             if len(buffer) > MAX_HEAD:
                 self._hand_off()
             return False
+        fast = self.fast
         try:
-            head = parse_head(buffer[:end])
+            head = fast.heads.parse(buffer[:end])
         except HeadError:
             self._hand_off()  # uvicorn answers it (400) as it always has
             return True
-        fast = self.fast
         if fast.config is None:
             self._hand_off()
         elif is_stream(head, STREAM_PATHS):

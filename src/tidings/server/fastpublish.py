@@ -82,12 +82,8 @@ class Answer:
 
 async def answer(st: State, head: RequestHead, body: bytes) -> Answer:
     """Publish one request's message (`publish_one`); never raises."""
-
-    async def read() -> bytes:
-        return body
-
     try:
-        event_id = await publish_one(st, credentials(head), read)
+        event_id = await publish_one(st, credentials(head), body)
     except TidingsError as exc:
         return _error(exc)
     except Exception as exc:  # as the app's handler of unexpected errors answers them

@@ -43,17 +43,18 @@ async def publish(request: Request) -> JSONResponse:
 
 
 async def publish_one(
-    st: State, credentials: Credentials, body: Callable[[], Awaitable[bytes]]
+    st: State, credentials: Credentials, body: bytes | Callable[[], Awaitable[bytes]]
 ) -> str:
     """Publish a request's message; its event id, or a TidingsError to answer.
 
-    `body()` gives the raw body within TIDINGS_MAX_PAYLOAD; it is read after the
-    credential is checked.
+    `body` is the raw body within TIDINGS_MAX_PAYLOAD, or a function that reads it
+    (after the credential is checked).
     """
     outcomes = st.metrics.publish_requests
     try:
         who = identified(await authenticate(st, credentials))
-        message = _message(decode_json(await body()), who.is_server, who.tenant)
+        raw = body if isinstance(body, bytes) else await body()
+        message = _message(decode_json(raw), who.is_server, who.tenant)
         authorize(message, who)
         limit_publishes(st, message.tenant)
         hub = st.hub
