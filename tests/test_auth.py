@@ -430,13 +430,13 @@ async def test_hs256_fast_path_answers_exactly_as_pyjwt(config: str) -> None:
     fast_hits = 0
     for name, token in odd_tokens().items():
         fast = JWTVerifier(settings(**options))
-        assert fast._hs256_key is not None
+        assert fast._hs256 is not None
         slow = JWTVerifier(settings(**options))
-        slow._hs256_key = None  # PyJWT only
+        slow._hs256 = None  # PyJWT only
         expected = await _outcome(slow, token)
         assert await _outcome(fast, token) == expected, name
-        assert fast._hs256_key is not None
-        quick = fast._hs256_claims(token, fast._hs256_key)
+        assert fast._hs256 is not None
+        quick = fast._hs256_claims(token, fast._hs256)
         if quick is not None:  # only ever the claims PyJWT gives: it never refuses here
             fast_hits += 1
             assert quick == slow._decode(token, SECRET.encode(), "HS256", slow._issuer), name
@@ -458,8 +458,8 @@ async def test_hs256_fast_path_skips_pyjwt_for_plain_tokens(
 
 def test_hs256_fast_path_is_off_for_keys_pyjwt_refuses_or_warns_about() -> None:
     pem_secret = "-----BEGIN PUBLIC KEY-----\n" + "A" * 64 + "\n-----END PUBLIC KEY-----"
-    assert JWTVerifier(settings(jwt_secret=pem_secret))._hs256_key is None
-    assert JWTVerifier(settings(jwt_public_key=None, jwt_secret=SECRET))._hs256_key is not None
+    assert JWTVerifier(settings(jwt_secret=pem_secret))._hs256 is None
+    assert JWTVerifier(settings(jwt_public_key=None, jwt_secret=SECRET))._hs256 is not None
 
 
 async def test_verified_token_cache_stays_bounded_and_keeps_recent_tokens() -> None:

@@ -136,7 +136,7 @@ class JWTVerifier:
         self._http, self._own_http = http, http is None
         self._refetch_interval, self._clock = refetch_interval, clock
         self._verified: dict[str, tuple[Principal, float | None]] = {}
-        self._hs256_key = _hs256_key(self._secret)
+        self._hs256 = _hs256_mac(self._secret)
 
     async def verify(self, token: str) -> Principal:
         hit = self._verified.get(token)
@@ -146,8 +146,8 @@ class JWTVerifier:
                 return principal
             del self._verified[token]
             raise Unauthorized("token expired")
-        if self._hs256_key is not None:
-            claims = self._hs256_claims(token, self._hs256_key)
+        if self._hs256 is not None:
+            claims = self._hs256_claims(token, self._hs256)
             if claims is not None:
                 return self._remember(token, claims)
         header = _peek_header(token)
@@ -178,7 +178,7 @@ class JWTVerifier:
         self._verified[token] = (principal, float(exp) if exp is not None else None)
         return principal
 
-    def _hs256_claims(self, token: str, key: bytes) -> dict[str, Any] | None:
+    def _hs256_claims(self, token: str, keyed: hmac.HMAC) -> dict[str, Any] | None:
         """The claims of `token` if it is a plain HS256 token that PyJWT would accept with
         these settings; None for anything else, which then goes through PyJWT.
 
@@ -193,7 +193,9 @@ class JWTVerifier:
             return None
         raw = token.encode("ascii")
         cut = match.end(2)
-        mac = binascii.b2a_base64(hmac.digest(key, raw[:cut], "sha256"), newline=False)
+        signer = keyed.copy()  # the key's pads are hashed once, in `_hs256_mac`
+        signer.update(raw[:cut])
+        mac = binascii.b2a_base64(signer.digest(), newline=False)
         if not hmac.compare_digest(mac[:-1].translate(_TO_URLSAFE), raw[cut + 1 :]):
             return None
         header = _json_segment(match.group(1))
@@ -300,9 +302,10 @@ class JWTVerifier:
             self._http = None
 
 
-def _hs256_key(secret: bytes | None) -> bytes | None:
-    """The secret for `_hs256_claims`, or None where PyJWT would say more than yes or no:
-    no secret, one it refuses as an HMAC key (PEM or SSH text) or warns about (short)."""
+def _hs256_mac(secret: bytes | None) -> hmac.HMAC | None:
+    """An HMAC-SHA256 keyed with the secret, for `_hs256_claims` to copy per token; None
+    where PyJWT would say more than yes or no: no secret, one it refuses as an HMAC key
+    (PEM or SSH text) or warns about (short)."""
     if secret is None:
         return None
     algorithm = HMACAlgorithm(HMACAlgorithm.SHA256)
@@ -310,7 +313,7 @@ def _hs256_key(secret: bytes | None) -> bytes | None:
         key = algorithm.prepare_key(secret)
     except jwt.InvalidKeyError:
         return None
-    return None if algorithm.check_key_length(key) else key
+    return None if algorithm.check_key_length(key) else hmac.new(key, digestmod="sha256")
 
 
 def _json_segment(segment: str) -> Any:
