@@ -394,6 +394,25 @@ async def test_pipelined_requests_are_answered_in_order(servers: tuple[TidingsSe
     assert answers[-1][1]["connection"] == "close"
 
 
+async def test_a_long_pipeline_read_late_is_answered_in_full_and_in_order(
+    servers: tuple[TidingsServer, ...],
+) -> None:
+    """More than the socket buffers hold: the server stops reading while its answers wait."""
+    n = 3000
+    good, bad = post({"users": ["u"], "data": "长" * 100}), post(None, raw=b"{")
+    expected = [400 if i % 7 == 3 else 202 for i in range(n)]
+    pipeline = b"".join(bad if status == 400 else good for status in expected)
+    for server in servers:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(pipeline)  # sent while the answers are read
+            async with asyncio.timeout(WAIT * 3):
+                statuses = [(await read_response(reader))[0] for _ in range(n)]
+        finally:
+            writer.close()
+        assert statuses == expected
+
+
 async def test_connection_close_closes_after_the_answer(servers: tuple[TidingsServer, ...]) -> None:
     for request in (
         post({"users": ["u"]}, "Connection: close"),
@@ -407,7 +426,8 @@ async def test_connection_close_closes_after_the_answer(servers: tuple[TidingsSe
 async def test_the_fast_server_answered_publishes_itself(
     servers: tuple[TidingsServer, ...],
 ) -> None:
-    access = '"POST /api/v1/publish HTTP/1.1" 202'  # uvicorn's access line, at debug level
+    access = '"POST /api/v1/publish HTTP/1.1" 202'  # the access line, at debug level
+    uvicorn, ours = "uvicorn.access: ", "tidings.access: "  # who wrote it
     new_lines = []
     for server in servers:
         before = len(server.log())
@@ -415,9 +435,11 @@ async def test_the_fast_server_answered_publishes_itself(
         assert answers[0][0] == 202
         new_lines.append(server.log()[before:])  # written before the answer was
     asgi, *fast = new_lines
-    assert "tidings.publish: publish" in asgi and access in asgi
+    assert "tidings.publish: publish" in asgi
+    assert access in asgi and uvicorn in asgi and ours not in asgi
     for lines in fast:
-        assert "tidings.publish: publish" in lines and access not in lines
+        assert "tidings.publish: publish" in lines
+        assert access in lines and ours in lines and uvicorn not in lines
 
 
 async def test_an_idle_keep_alive_connection_is_closed_as_uvicorn_closes_it(

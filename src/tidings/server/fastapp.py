@@ -173,11 +173,12 @@ class FastPath:
         )
 
 
-_access_log = logging.getLogger("uvicorn.access")
+_access_log = logging.getLogger("tidings.access")
 
 
 def log_access(transport: asyncio.Transport | None, head: RequestHead, status: int) -> None:
-    """The line uvicorn's access log writes for a request it answers (redacted by `logs`)."""
+    """The line uvicorn's access log would write for a request the fast path answers
+    (redacted by `logs`); its own logger name tells the two paths apart in a log."""
     peer = _remote_addr(transport) if transport is not None else None
     client = f"{peer[0]}:{peer[1]}" if peer else "-"
     path = head.path + ("?" + head.query.decode("latin-1") if head.query else "")
