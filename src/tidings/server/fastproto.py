@@ -41,11 +41,11 @@ from . import eager
 from .app import SSE_PATHS
 from .fastapp import Capture, FastPath, log_access
 from .fasthttp import (
+    HEAD_END,
     LAST_CHUNK,
     MAX_HEAD,
     HeadError,
     RequestHead,
-    head_end,
     is_stream,
     may_be_request,
     response_head,
@@ -73,6 +73,7 @@ class FastProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_answered",
+        "_at",
         "_buffer",
         "_idle",
         "_need",
@@ -99,6 +100,7 @@ class FastProtocol(asyncio.Protocol):
         self._paused = False
         self._stopping = False
         self._serving = False  # in `_serve`'s loop
+        self._at = 0  # in `_serve`'s loop: where the next request starts in the buffer
         self._need = 0  # bytes the buffer must hold before the request is looked at again
         self._idle: asyncio.TimerHandle | None = None  # the keep-alive timeout, once answered
         self._answered = 0.0  # loop time of the last answer
@@ -189,41 +191,46 @@ class FastProtocol(asyncio.Protocol):
             return  # an answer given inside the loop below: the loop goes on
         self._serving = True
         try:
-            while self.phase == _HEAD and self._buffer and not self._paused:
-                if len(self._buffer) < self._need or not self._request():
-                    return
+            while self.phase == _HEAD and not self._paused:
+                unread = len(self._buffer) - self._at
+                if not unread or unread < self._need or not self._request():
+                    break
         finally:
             self._serving = False
+            if self._at:  # drop what was answered: one copy, however many requests
+                self._buffer = self._buffer[self._at :]
+                self._at = 0
 
     def _request(self) -> bool:
-        """Take the request at the start of the buffer; False while its bytes are due."""
-        buffer = self._buffer
-        if not may_be_request(buffer[:64], _REQUEST_LINES):
+        """Take the request at `_at` in the buffer; False while its bytes are due."""
+        buffer, at = self._buffer, self._at
+        if not may_be_request(buffer[at : at + 64], _REQUEST_LINES):
             self._hand_off()
             return True
-        end = head_end(buffer)
+        end = buffer.find(HEAD_END, at)
         if end < 0:
-            if len(buffer) > MAX_HEAD:
+            if len(buffer) - at > MAX_HEAD:
                 self._hand_off()
             return False
+        end += len(HEAD_END)
         fast = self.fast
         try:
-            head = fast.heads.parse(buffer[:end])
+            head = fast.heads.parse(buffer[at:end])
         except HeadError:
             self._hand_off()  # uvicorn answers it (400) as it always has
             return True
         if fast.config is None:
             self._hand_off()
         elif is_stream(head, STREAM_PATHS):
-            self._buffer = buffer[end:]
+            self._at = end
             self.phase = _SETUP
             self._start(self._setup(head))
         elif fast.publishes and (length := takes(head, fast.max_payload)) is not None:
             if len(buffer) < end + length:
-                self._need = end + length  # the body is on its way
+                self._need = end + length - at  # the body is on its way
                 return False
             self._need = 0
-            self._buffer = buffer[end + length :]
+            self._at = end + length
             self.phase = _BUSY
             answering = self._publish(head, buffer[end : end + length])
             if fast.eager and fast.state.hub.running:
@@ -245,12 +252,12 @@ class FastProtocol(asyncio.Protocol):
 
     def _hand_off(self) -> None:
         """Give the socket and everything read so far to uvicorn's HTTP protocol."""
-        transport, data = self.transport, self._buffer
+        transport, data = self.transport, self._buffer[self._at :]
         self.fast.server_state.connections.discard(self)
         self.phase = _GONE
         self.transport = None
         self._buffer = b""
-        self._need = 0
+        self._at = self._need = 0
         self._stop_idle()
         if transport is None or transport.is_closing():
             return
