@@ -49,6 +49,10 @@ _VERIFIED_CACHE_SIZE = 4096
 # 32-byte signature (43 characters). Others go to PyJWT (see JWTVerifier._hs256_claims).
 _HS256_TOKEN = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]{43})")
 _PLAIN_HEADER = frozenset({"alg", "typ", "kid"})
+# Header segments already found plain (the text decides: it is signed). Bounded: a header
+# with a `kid` per key, a few per issuer.
+_PLAIN_HEADERS_KEPT = 64
+_plain_headers: set[str] = set()
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 # base64url character -> its 6-bit value (only the alphabet: `_HS256_TOKEN` checked it)
@@ -198,14 +202,18 @@ class JWTVerifier:
         mac = binascii.b2a_base64(signer.digest(), newline=False)
         if not hmac.compare_digest(mac[:-1].translate(_TO_URLSAFE), raw[cut + 1 :]):
             return None
-        header = _json_segment(match.group(1))
-        if (
-            type(header) is not dict
-            or header.get("alg") != "HS256"
-            or not header.keys() <= _PLAIN_HEADER
-            or ("kid" in header and not isinstance(header["kid"], str))
-        ):
-            return None
+        head = match.group(1)
+        if head not in _plain_headers:  # nearly every token of an issuer has the same one
+            header = _json_segment(head)
+            if (
+                type(header) is not dict
+                or header.get("alg") != "HS256"
+                or not header.keys() <= _PLAIN_HEADER
+                or ("kid" in header and not isinstance(header["kid"], str))
+            ):
+                return None
+            if len(_plain_headers) < _PLAIN_HEADERS_KEPT:
+                _plain_headers.add(head)
         claims = _json_segment(match.group(2))
         if type(claims) is not dict:
             return None
