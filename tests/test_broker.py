@@ -21,10 +21,17 @@ from tidings.wire import SSEParser
 class Client:
     """A connection plus a parser over what it was sent."""
 
-    def __init__(self, hub: Hub, user: str, tenant: str = "", topics: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        user: str,
+        tenant: str = "",
+        topics: tuple[str, ...] = (),
+        limit: int = 8,
+    ) -> None:
         principal = Principal(user, tenant, topics=topics)
         self.hub = hub
-        self.conn = SSEConnection(principal, hub.streams_for(principal, list(topics)), limit=8)
+        self.conn = SSEConnection(principal, hub.streams_for(principal, list(topics)), limit=limit)
         self.parser = SSEParser()
         self.events: list[tuple[str, object]] = []
 
@@ -172,7 +179,8 @@ async def test_property_resume_never_loses_or_duplicates(steps: list[tuple[str, 
     hub = Hub()
     await hub.start()
     topics = ("t1", "t2")
-    client = Client(hub, "alice", topics=topics)
+    # A buffer for every event of a run (at most 40): overflow is another test's business.
+    client = Client(hub, "alice", topics=topics, limit=64)
     await client.open()
     seen: list[object] = []
     sent: list[int] = []
@@ -186,7 +194,7 @@ async def test_property_resume_never_loses_or_duplicates(steps: list[tuple[str, 
             cursor = client.last_id
             seen += [d for e, d in client.read() if e == "message"]
             client.close()
-            client = Client(hub, "alice", topics=topics)
+            client = Client(hub, "alice", topics=topics, limit=64)
             if arg:  # publish while disconnected, then resume
                 sent.append(-n)
                 await hub.send_to_topic("t2", -n)
