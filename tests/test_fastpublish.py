@@ -40,6 +40,7 @@ RATE = 0.01  # publishes per second and tenant on the rate-limited servers: a se
 SECRET = secrets.token_urlsafe(48)
 KEY = "key-" + secrets.token_urlsafe(16)
 TEXT = "你好，世界 — 通知 🚀"
+ORIGIN = "https://app.example"
 
 Response = tuple[int, dict[str, str], Any]
 
@@ -60,10 +61,7 @@ def head(raw: bytes) -> Any:
         (b"POST /api/v1/publish HTTP/1.1\r\n", None),  # no length
         (b"POST /api/v1/publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", None),
         (b"POST /api/v1/publish HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n", None),
-        (
-            b"POST /api/v1/publish HTTP/1.1\r\nContent-Length: 2\r\nOrigin: https://a.example\r\n",
-            None,
-        ),
+        (b"POST /api/v1/publish HTTP/1.1\r\nContent-Length: 2\r\nOrigin: https://a.example\r\n", 2),
         (b"POST /api/v1/publish HTTP/1.0\r\nContent-Length: 2\r\n", None),
         (b"POST /api/v1/publish/batch HTTP/1.1\r\nContent-Length: 2\r\n", None),
         (b"PUT /api/v1/publish HTTP/1.1\r\nContent-Length: 2\r\n", None),
@@ -133,8 +131,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TidingsS
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TidingsServer, ...]]:
-    """The same with TIDINGS_PUBLISH_RATE: a tenant's second publish is refused."""
-    yield from _servers(tmp_path_factory, TIDINGS_PUBLISH_RATE=str(RATE))
+    """The same with TIDINGS_PUBLISH_RATE (a tenant's second publish is refused) and CORS."""
+    yield from _servers(
+        tmp_path_factory, TIDINGS_PUBLISH_RATE=str(RATE), TIDINGS_CORS_ORIGINS=ORIGIN
+    )
 
 
 def token(user: str, **claims: Any) -> str:
@@ -373,6 +373,27 @@ async def test_rate_limited_publishes_are_429_with_retry_after_on_every_path(
     asgi, *fast = results
     assert all(f == asgi for f in fast), f"ASGI: {asgi}\nfast: {fast}"
     assert codes(asgi) == [(202, None), (429, "rate_limited")]
+
+
+async def test_cors_answers_alike_on_every_path(limited: tuple[TidingsServer, ...]) -> None:
+    """With TIDINGS_CORS_ORIGINS, a request with an Origin is the middleware's (uvicorn's),
+    one without is the fast path's: the answers are the same as the ASGI route's."""
+    preflight = (
+        f"OPTIONS /api/v1/publish HTTP/1.1\r\nHost: test\r\nOrigin: {ORIGIN}\r\n"
+        "Access-Control-Request-Method: POST\r\n"
+        "Access-Control-Request-Headers: Authorization, Content-Type\r\n\r\n"
+    ).encode()
+    for request in (
+        preflight,
+        post({"tenant": tenant(), "users": ["u"]}, f"Origin: {ORIGIN}"),
+        post({"tenant": tenant(), "users": ["u"]}, "Origin: https://elsewhere.example"),
+        post({"tenant": tenant(), "users": ["u"]}),
+        post({"users": ["u"]}, f"Origin: {ORIGIN}", key="nope"),
+    ):
+        answers = await alike(limited, request)
+        assert answers[0][0] in (200, 202, 400, 401), answers
+    answers = await alike(limited, post({"tenant": tenant(), "users": ["u"]}, f"Origin: {ORIGIN}"))
+    assert answers[0][1]["access-control-allow-origin"] == ORIGIN
 
 
 async def test_several_requests_on_one_keep_alive_connection(

@@ -1,4 +1,4 @@
-"""The fast path's stream request as an ASGI call, through the app's own middleware.
+"""The fast path's requests as ASGI calls, through the app's own middleware.
 
 `FastPath` is what every `FastProtocol` of one server shares: the app's `State`,
 uvicorn's config and server state, and `stack`, the app's user middleware (CORS) and
@@ -6,6 +6,10 @@ uvicorn's proxy-headers middleware around `FastPath.open_stream`, so a stream re
 sees the heads and client addresses it would see on the ASGI path. `open_stream` is
 `streams.open_sse` and `streams.greet`, exactly as `server/sse.py` calls them; `Capture`
 records its answer for the protocol to write.
+
+A publish (`FastPath.publish`) is `fastpublish.answer` itself when the app has no user
+middleware; with some (CORS, which adds ``Vary: Origin`` to every answer) its answer
+goes out through the same middleware, as `publish_stack`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
 
 from starlette.applications import Starlette
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 from uvicorn.config import Config
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -26,7 +29,7 @@ from uvicorn.server import ServerState
 
 from ..errors import TidingsError
 from .fasthttp import HeadCache, RequestHead, chunk
-from .fastpublish import may_start_eagerly
+from .fastpublish import Answer, answer, json_headers, may_start_eagerly
 from .fastwriter import ChunkedSSEConnection
 from .http import INTERNAL, error_response
 from .sse import HEADERS
@@ -81,12 +84,10 @@ class FastPath:
         self.app_state: dict[str, Any] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stack: ASGIApp = self.open_stream
-        # Publish requests are served here only when the app's middleware is at most
-        # CORS (which leaves requests without an Origin header alone): server/fastpublish.py.
-        self.publishes = all(getattr(m, "cls", None) is CORSMiddleware for m in app.user_middleware)
+        self.publish_stack: ASGIApp | None = None  # None: no user middleware to go through
         self.heads = HeadCache()
         self.max_payload = self.state.settings.max_payload
-        self.eager = may_start_eagerly(self.state)
+        self.eager = may_start_eagerly(self.state, app.user_middleware)
         self.keep_alive_s = 5.0  # uvicorn's timeout_keep_alive, from the config
         self.access_log = False  # uvicorn's access_log, from the config
 
@@ -111,6 +112,12 @@ class FastPath:
         if config.proxy_headers:
             stack = ProxyHeadersMiddleware(stack, trusted_hosts=config.forwarded_allow_ips)
         self.stack = cast(ASGIApp, stack)
+        self.publish_stack = None
+        if self.app.user_middleware:
+            stack = self.publish_app
+            for cls, args, kwargs in reversed(self.app.user_middleware):
+                stack = cls(stack, *args, **kwargs)
+            self.publish_stack = cast(ASGIApp, stack)
 
     def scope(self, head: RequestHead, transport: asyncio.Transport, proto: FastProtocol) -> Scope:
         """The ASGI scope uvicorn would give the stream request `head`."""
@@ -131,7 +138,37 @@ class FastPath:
             "state": self.app_state.copy(),
             "app": self.app,
             "tidings.protocol": proto,
+            "tidings.head": head,
         }
+
+    async def publish(self, head: RequestHead, body: bytes, proto: FastProtocol) -> Answer:
+        """The answer to a publish request, through the app's middleware if it has any."""
+        stack = self.publish_stack
+        if stack is None:
+            return await answer(self.state, head, body)
+        assert proto.transport is not None
+        scope = self.scope(head, proto.transport, proto)
+        scope["tidings.body"] = body
+        capture = Capture()
+        try:
+            await stack(scope, capture.receive, capture.send)
+        except Exception as exc:  # middleware failing; `answer` itself never raises
+            log.error("unhandled error answering a publish", exc_info=exc)
+            capture = Capture()
+            await capture.internal_error()
+            scope["tidings.fatal"] = True
+        return Answer(
+            capture.status, capture.body, capture.headers, scope.get("tidings.fatal", False)
+        )
+
+    async def publish_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`fastpublish.answer` as an ASGI app, for the middleware to wrap."""
+        result = await answer(self.state, scope["tidings.head"], scope["tidings.body"])
+        if result.fatal:
+            scope["tidings.fatal"] = True
+        headers = result.headers if result.headers is not None else json_headers(result.body)
+        await send({"type": "http.response.start", "status": result.status, "headers": headers})
+        await send({"type": "http.response.body", "body": result.body})
 
     def uvicorn_protocol(self) -> HttpToolsProtocol:
         assert self.config is not None

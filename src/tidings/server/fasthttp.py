@@ -214,10 +214,9 @@ def is_stream(head: RequestHead, paths: Collection[str]) -> bool:
 NOT_PLAIN = frozenset({b"transfer-encoding", b"expect"})
 
 
-def body_length(head: RequestHead, refused: Collection[bytes] = NOT_PLAIN) -> int | None:
+def body_length(head: RequestHead) -> int | None:
     """The length of the body after `head` when it is a plain one (one ``Content-Length``
-    of digits, no ``Transfer-Encoding``, no ``Expect``, not an upgrade, HTTP/1.1), else None.
-    `refused`: the header names that make a request not plain (a superset of NOT_PLAIN)."""
+    of digits, no ``Transfer-Encoding``, no ``Expect``, not an upgrade, HTTP/1.1), else None."""
     if head.version != "1.1" or head.upgrade:
         return None
     length = None
@@ -226,7 +225,7 @@ def body_length(head: RequestHead, refused: Collection[bytes] = NOT_PLAIN) -> in
             if length is not None or not value.isdigit():
                 return None
             length = int(value)
-        elif name in refused:
+        elif name in NOT_PLAIN:
             return None
     return length
 

@@ -50,7 +50,7 @@ from .fasthttp import (
     may_be_request,
     response_head,
 )
-from .fastpublish import REQUEST_LINE, Answer, answer, takes
+from .fastpublish import REQUEST_LINE, Answer, takes
 from .fastwriter import SHUTDOWN_TAIL, ChunkedSSEConnection
 
 log = logging.getLogger("tidings.fastpath")
@@ -225,7 +225,7 @@ class FastProtocol(asyncio.Protocol):
             self._at = end
             self.phase = _SETUP
             self._start(self._setup(head))
-        elif fast.publishes and (length := takes(head, fast.max_payload)) is not None:
+        elif (length := takes(head, fast.max_payload)) is not None:
             if len(buffer) < end + length:
                 self._need = end + length - at  # the body is on its way
                 return False
@@ -338,7 +338,7 @@ class FastProtocol(asyncio.Protocol):
     # -- a publish request ---------------------------------------------------------------
 
     async def _publish(self, head: RequestHead, body: bytes) -> None:
-        result: Answer = await answer(self.fast.state, head, body)
+        result: Answer = await self.fast.publish(head, body, self)
         transport = self.transport
         if self.phase != _BUSY or transport is None:
             return  # the client left; connection_lost cleaned up

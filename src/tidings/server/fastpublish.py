@@ -1,29 +1,33 @@
 """Publish requests on the fast path: ``POST /api/v1/publish`` without the ASGI stack.
 
 `FastProtocol` serves a publish request itself when `takes` says so: HTTP/1.1, a plain
-``Content-Length`` body within TIDINGS_MAX_PAYLOAD, no ``Expect``, no ``Origin`` (CORS
-is the app's middleware's business). It reads the whole body, then `answer` runs
-`publish.publish_one`, the very function the ASGI route runs, and renders its outcome
-as uvicorn writes the route's: ``202 {"id"}``, or the error's JSON body with its status
-and headers (`http.error_response`: ``Retry-After``, ``WWW-Authenticate``). Anything
-else (a body over the limit, chunked, other paths and methods) is handed to uvicorn
-with the bytes read so far, and the ASGI app answers it as before.
+``Content-Length`` body within TIDINGS_MAX_PAYLOAD, no ``Expect``. It reads the whole
+body, then `answer` runs `publish.publish_one`, the very function the ASGI route runs,
+and renders its outcome as uvicorn writes the route's: ``202 {"id"}``, or the error's
+JSON body with its status and headers (`http.error_response`: ``Retry-After``,
+``WWW-Authenticate``); the app's middleware (CORS) sees it on the way out
+(`FastPath.publish`). Anything else (a body over the limit, chunked, other paths and
+methods, a CORS preflight) is handed to uvicorn with the bytes read so far, and the
+ASGI app answers it as before.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
 from starlette.datastructures import Headers, QueryParams
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import cookie_parser
 
 from ..auth import Authenticator
 from ..backends.memory import MemoryBackend
 from ..errors import TidingsError
-from .fasthttp import NOT_PLAIN, RequestHead, body_length, json_response, response_head
+from .fasthttp import RequestHead, body_length, json_response, response_head
 from .http import INTERNAL, Credentials, error_response
 from .publish import publish_one
 from .state import State
@@ -41,16 +45,18 @@ EAGER = os.environ.get("TIDINGS_FASTPATH_EAGER", "1") != "0"
 ``TIDINGS_FASTPATH_EAGER=0``: always a task (benchmarks, tests of that path)."""
 
 
-def may_start_eagerly(st: State) -> bool:
+def may_start_eagerly(st: State, middleware: Iterable[Middleware] = ()) -> bool:
     """Whether a publish may start outside a task (`server/eager.py`): nothing it runs
     before it first suspends asks for the current task. True for the memory backend
     (nothing in it awaits) with the built-in authenticator and no JWKS URL (a key in
-    hand, no fetch); Redis and NATS clients use timeouts that need a task."""
+    hand, no fetch), through no middleware but CORS (`middleware`: the app's); Redis
+    and NATS clients use timeouts that need a task, as may other middleware."""
     return (
         EAGER
         and isinstance(st.hub.backend, MemoryBackend)
         and type(st.authenticator) is Authenticator
         and not st.settings.jwt_jwks_url
+        and all(m.cls is CORSMiddleware for m in middleware)  # type: ignore[comparison-overlap]
     )
 
 
@@ -58,11 +64,8 @@ def takes(head: RequestHead, limit: int) -> int | None:
     """The body length of a publish request the fast path serves, else None."""
     if head.method != "POST" or head.path != PUBLISH_PATH:
         return None
-    length = body_length(head, _REFUSED)
+    length = body_length(head)
     return None if length is None or length > limit else length
-
-
-_REFUSED = NOT_PLAIN | {b"origin"}  # CORS: the app's middleware answers those
 
 
 @dataclass(slots=True)
@@ -90,6 +93,11 @@ async def answer(st: State, head: RequestHead, body: bytes) -> Answer:
         log.error("unhandled error on %s %s", head.method, head.path, exc_info=exc)
         return _error(TidingsError(INTERNAL), fatal=True)
     return Answer(202, orjson.dumps({"id": event_id}))
+
+
+def json_headers(body: bytes) -> RawHeaders:
+    """The headers of Starlette's `JSONResponse` with `body` (as `json_response` writes)."""
+    return [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
 
 
 def credentials(head: RequestHead) -> Credentials:
