@@ -29,12 +29,10 @@ next flush (a flush failure always re-creates and rewrites).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import nats
 import orjson
@@ -45,6 +43,7 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from ..errors import BackendUnavailable
 from ..presence import USER, Change, InstanceView, Summary, TenantView, chunks, decode_summary
+from .nats.layout import split_url, token, untoken
 
 log = logging.getLogger("tidings.backends.nats_presence")
 
@@ -53,34 +52,11 @@ _BATCH = 256  # concurrent requests of one write
 _STREAM_IN_USE = 10058  # stream name already in use with a different configuration
 
 
-def _split(url: str) -> tuple[str, str]:
-    """-> (the URL for nats-py, the name prefix from ``?prefix=``), as the NATS backend reads it."""
-    parts = urlsplit(url)
-    prefix = "tidings"
-    kept = []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key == "prefix":
-            prefix = value or prefix
-        else:
-            kept.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
-
-
-def token(name: str) -> str:
-    """A subject token for any string (as the NATS backend names tenants and streams)."""
-    return "x" + base64.b32encode(name.encode()).decode().rstrip("=").lower()
-
-
-def untoken(tok: str) -> str:
-    body = tok[1:].upper()
-    return base64.b32decode(body + "=" * (-len(body) % 8)).decode()
-
-
 class NatsPresence:
     """`PresenceStore` on the broker's NATS: see the module docstring."""
 
     def __init__(self, url: str, instance: str, ttl: float) -> None:
-        self.url, self.prefix = _split(url)
+        self.url, self.prefix = split_url(url)
         self.instance = instance
         self.ttl = ttl
         base = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.prefix).upper()

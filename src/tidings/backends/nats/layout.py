@@ -47,6 +47,12 @@ def token(name: str) -> str:
     return "x" + base64.b32encode(name.encode()).decode().rstrip("=").lower()
 
 
+def untoken(tok: str) -> str:
+    """The string `token` made `tok` from."""
+    body = tok[1:].upper()
+    return base64.b32decode(body + "=" * (-len(body) % 8)).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class Names:
     """The JetStream streams, KV buckets and subjects of one service (one prefix)."""
