@@ -103,7 +103,7 @@ def _servers(factory: pytest.TempPathFactory, **env: str) -> Iterator[tuple[Tidi
         "TIDINGS_JWT_SECRET": SECRET,
         "TIDINGS_API_KEYS": KEY,
         "TIDINGS_MAX_PAYLOAD": str(MAX_PAYLOAD),
-        "TIDINGS_LOG_LEVEL": "debug",  # uvicorn's access lines tell which path answered
+        "TIDINGS_LOG_LEVEL": "debug",  # access lines tell which path answered (logger name)
         **env,
     }
     paths = [
@@ -465,6 +465,25 @@ async def test_connection_close_closes_after_the_answer(servers: tuple[TidingsSe
         for server in servers:
             answers, closed = await exchange(server, request)
             assert answers[0][1]["connection"] == "close" and closed
+
+
+async def test_the_fast_server_answered_publishes_itself(
+    servers: tuple[TidingsServer, ...],
+) -> None:
+    access = '"POST /api/v1/publish HTTP/1.1" 202'  # the access line, at debug level
+    uvicorn, ours = "uvicorn.access: ", "tidings.access: "  # who wrote it
+    new_lines = []
+    for server in servers:
+        before = len(server.log())
+        answers, _ = await exchange(server, post({"users": ["u"]}))
+        assert answers[0][0] == 202
+        new_lines.append(server.log()[before:])  # written before the answer was
+    asgi, *fast = new_lines
+    assert "tidings.publish: publish" in asgi
+    assert access in asgi and uvicorn in asgi and ours not in asgi
+    for lines in fast:
+        assert "tidings.publish: publish" in lines
+        assert access in lines and ours in lines and uvicorn not in lines
 
 
 class _Transport(asyncio.Transport):
