@@ -27,7 +27,7 @@ from uvicorn.server import ServerState
 
 from server import TidingsServer
 from sse_client import WAIT, Api, expect_marker, sse_stream
-from tidings.auth import mint_token
+from tidings.auth import Authenticator, Principal, mint_token
 from tidings.config import Settings
 from tidings.hub import Hub
 from tidings.server import fastpath, fastpublish
@@ -93,6 +93,22 @@ def test_a_body_length_is_one_content_length_of_digits() -> None:
 )
 def test_a_publish_request_line_is_recognised_at_its_first_bytes(start: bytes, ours: bool) -> None:
     assert may_be_request(start, [REQUEST_LINE]) is ours
+
+
+def test_known_keys_prove_the_server_only_for_the_built_in_authenticator() -> None:
+    settings = Settings(api_keys=[KEY], jwt_secret=SECRET)
+    request = head(
+        b"POST /api/v1/publish HTTP/1.1\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+    )
+    wrong = head(b"POST /api/v1/publish HTTP/1.1\r\nAuthorization: Bearer nope\r\n")
+    known = fastpublish.KnownKeys(Authenticator(settings))
+    assert [known.principal(request), known.principal(request)] == [Principal.server()] * 2
+    assert known.principal(wrong) is None and known.principal(head(b"POST / HTTP/1.1\r\n")) is None
+
+    class Own(Authenticator):  # an app's own: it may decide otherwise
+        pass
+
+    assert fastpublish.KnownKeys(Own(settings)).principal(request) is None
 
 
 # -- the two paths side by side -------------------------------------------------------------
@@ -294,6 +310,20 @@ def cases() -> list[tuple[str, bytes]]:
         ("over the limit", post(None, raw=sized(MAX_PAYLOAD + 1))),
         ("no credential", post({"users": ["u"]}, key=None)),
         ("a wrong key", post({"users": ["u"]}, key="nope")),
+        # The first Authorization header counts, on every path (fastpublish.KnownKeys).
+        ("the key, then a wrong one", post({"users": ["u"]}, "Authorization: Bearer nope")),
+        (
+            "a wrong key, then the key",
+            post({"users": ["u"]}, f"Authorization: Bearer {KEY}", key="nope"),
+        ),
+        (
+            "the key spelt loosely",
+            post({"users": ["u"]}, f"authorization:   bearer {KEY}  ", key=None),
+        ),
+        (
+            "the key in the query",
+            post({"users": ["u"]}, key=None, path=f"/api/v1/publish?token={KEY}"),
+        ),
         (
             "an expired token",
             post({"users": ["u"]}, key=token("pub", tenant=t, publish=True, ttl_s=-60)),
@@ -328,6 +358,10 @@ async def test_every_case_is_answered_alike_on_every_path(
     assert seen["exactly the limit"] == (202, None)
     assert seen["over the limit"] == (413, "payload_too_large")
     assert seen["no credential"] == seen["an expired token"] == (401, "unauthorized")
+    assert seen["the key, then a wrong one"] == seen["the key spelt loosely"] == (202, None)
+    assert (
+        seen["a wrong key, then the key"] == seen["the key in the query"] == (401, "unauthorized")
+    )
     assert seen["another tenant"] == seen["a topic outside the token's"] == (403, "forbidden")
     assert seen["GET"][0] == 405 and seen["chunked"] == (202, None)
 

@@ -27,6 +27,7 @@ __all__ = [
     "JWTVerifier",
     "Principal",
     "RequestAuthenticator",
+    "bearer_token",
     "extract_credential",
     "mint_token",
     "principal_from_claims",
@@ -61,16 +62,24 @@ def extract_credential(
 ) -> Credential | None:
     """First of: ``Authorization: Bearer``, ``?token=``/``?access_token=``, cookie
     ``tidings_token``. Empty values count as absent; other Authorization schemes are skipped."""
-    auth = headers.get("authorization") or headers.get("Authorization") or ""
-    scheme, _, value = auth.strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return Credential(value.strip(), "header")
+    token = bearer_token(headers.get("authorization") or headers.get("Authorization") or "")
+    if token is not None:
+        return Credential(token, "header")
     token = query.get("token") or query.get("access_token")
     if token:
         return Credential(token, "query")
     token = cookies.get("tidings_token")
     if token:
         return Credential(token, "cookie")
+    return None
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value; None for other schemes
+    or an empty token."""
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip() or None
     return None
 
 
@@ -90,7 +99,7 @@ class Authenticator:
         if verifier is None and settings.has_jwt_key:
             verifier = JWTVerifier(settings)
         self._verifier = verifier
-        self._keys = ApiKeys(settings.api_keys)
+        self.api_keys = ApiKeys(settings.api_keys)
         self._insecure = settings.insecure_query_auth
         self.public_topics = TopicPatterns(settings.public_topics)
 
@@ -103,7 +112,7 @@ class Authenticator:
                 return _insecure_principal(query)
             raise Unauthorized("missing credential")
         # API keys belong in a header only: query strings end up in proxies' logs.
-        if credential.source == "header" and self._keys.check(credential.token):
+        if credential.source == "header" and self.api_keys.check(credential.token):
             return Principal.server()
         return await self.principal_from_token(credential.token)
 

@@ -110,7 +110,7 @@ def parse_message(body: Any, *, tenant: str | None = None) -> Message:
         raise InvalidRequest("`broadcast` must be true or false")
     if not (users or topics or broadcast):
         raise InvalidRequest("name at least one target: `users`, `topics` or `broadcast: true`")
-    if any(len(u) > MAX_ID_LEN for u in users):
+    if users and any(len(u) > MAX_ID_LEN for u in users):
         raise InvalidRequest(f"user ids are at most {MAX_ID_LEN} characters")
     for topic in topics:
         if not valid_topic(topic):

@@ -29,7 +29,7 @@ from uvicorn.server import ServerState
 
 from ..errors import TidingsError
 from .fasthttp import HeadCache, RequestHead, chunk
-from .fastpublish import Answer, answer, json_headers, may_start_eagerly
+from .fastpublish import Answer, KnownKeys, answer, json_headers, may_start_eagerly
 from .fastwriter import ChunkedSSEConnection
 from .http import INTERNAL, error_response
 from .sse import HEADERS
@@ -88,6 +88,7 @@ class FastPath:
         self.heads = HeadCache()
         self.max_payload = self.state.settings.max_payload
         self.eager = may_start_eagerly(self.state, app.user_middleware)
+        self.keys = KnownKeys(self.state.authenticator)
         self.keep_alive_s = 5.0  # uvicorn's timeout_keep_alive, from the config
         self.access_log = False  # uvicorn's access_log, from the config
 
@@ -142,11 +143,10 @@ class FastPath:
         }
 
     async def publish(self, head: RequestHead, body: bytes, proto: FastProtocol) -> Answer:
-        """The answer to a publish request, through the app's middleware if it has any."""
+        """The answer to a publish request through the app's middleware (`publish_stack`;
+        without any, `fastpublish.answer` is the answer)."""
         stack = self.publish_stack
-        if stack is None:
-            return await answer(self.state, head, body)
-        assert proto.transport is not None
+        assert stack is not None and proto.transport is not None
         scope = self.scope(head, proto.transport, proto)
         scope["tidings.body"] = body
         capture = Capture()
@@ -163,7 +163,7 @@ class FastPath:
 
     async def publish_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """`fastpublish.answer` as an ASGI app, for the middleware to wrap."""
-        result = await answer(self.state, scope["tidings.head"], scope["tidings.body"])
+        result = await answer(self.state, scope["tidings.head"], scope["tidings.body"], self.keys)
         if result.fatal:
             scope["tidings.fatal"] = True
         headers = result.headers if result.headers is not None else json_headers(result.body)

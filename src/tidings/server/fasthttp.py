@@ -42,6 +42,13 @@ class RequestHead:
     upgrade: bool
     complete: bool  # False: a body follows the head (Content-Length or chunked)
 
+    def first(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
     def header(self, name: bytes) -> bytes | None:
         """The last value of header `name` (lower-case), or None."""
         found = None

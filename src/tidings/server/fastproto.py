@@ -50,7 +50,7 @@ from .fasthttp import (
     may_be_request,
     response_head,
 )
-from .fastpublish import REQUEST_LINE, Answer, takes
+from .fastpublish import REQUEST_LINE, answer, takes
 from .fastwriter import SHUTDOWN_TAIL, ChunkedSSEConnection
 
 log = logging.getLogger("tidings.fastpath")
@@ -338,7 +338,11 @@ class FastProtocol(asyncio.Protocol):
     # -- a publish request ---------------------------------------------------------------
 
     async def _publish(self, head: RequestHead, body: bytes) -> None:
-        result: Answer = await self.fast.publish(head, body, self)
+        fast = self.fast
+        if fast.publish_stack is None:  # no middleware to go through
+            result = await answer(fast.state, head, body, fast.keys)
+        else:
+            result = await fast.publish(head, body, self)
         transport = self.transport
         if self.phase != _BUSY or transport is None:
             return  # the client left; connection_lost cleaned up

@@ -15,6 +15,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.routing import Route
 
+from ..auth import Principal
 from ..errors import InvalidRequest, RateLimited, TidingsError
 from ..hub import Hub, Message, authorize, parse_message
 from .http import (
@@ -43,16 +44,22 @@ async def publish(request: Request) -> JSONResponse:
 
 
 async def publish_one(
-    st: State, credentials: Credentials, body: bytes | Callable[[], Awaitable[bytes]]
+    st: State,
+    credentials: Credentials | Principal,
+    body: bytes | Callable[[], Awaitable[bytes]],
 ) -> str:
     """Publish a request's message; its event id, or a TidingsError to answer.
 
-    `body` is the raw body within TIDINGS_MAX_PAYLOAD, or a function that reads it
-    (after the credential is checked).
+    `credentials`: the request's, or the principal they are already known to prove
+    (`fastpublish.KnownKeys`). `body` is the raw body within TIDINGS_MAX_PAYLOAD, or a
+    function that reads it (after the credential is checked).
     """
     outcomes = st.metrics.publish_requests
     try:
-        who = identified(await authenticate(st, credentials))
+        if isinstance(credentials, Principal):
+            who = credentials
+        else:
+            who = identified(await authenticate(st, credentials))
         raw = body if isinstance(body, bytes) else await body()
         message = _message(decode_json(raw), who.is_server, who.tenant)
         authorize(message, who)
@@ -110,7 +117,10 @@ def rate_limit(request: Request, tenant: str) -> None:
 
 def limit_publishes(st: State, tenant: str) -> None:
     """RateLimited when `tenant` is over TIDINGS_PUBLISH_RATE."""
-    wait = st.publish_limit.retry_after("tenant\x1f" + tenant)
+    limit = st.publish_limit
+    if limit.rate <= 0:
+        return  # no limit configured
+    wait = limit.retry_after("tenant\x1f" + tenant)
     if wait is not None:
         raise RateLimited("publish rate limit reached for this tenant", retry_after=wait)
 
