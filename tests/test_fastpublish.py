@@ -445,6 +445,21 @@ async def test_several_requests_on_one_keep_alive_connection(
     assert [s for s, _, _ in answers] == [202, 400, 401, 202, 200, 202]
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_a_repeated_head_is_answered_as_its_bytes_say(
+    servers: tuple[TidingsServer, ...], pipelined: bool
+) -> None:
+    """The fast path reuses the parse of a publish head sent again byte for byte; a head
+    that differs only in its key, or its body's length, is read afresh."""
+    same, longer = post({"users": ["u"], "data": 1}), post({"users": ["u"], "data": 12})
+    other_key = post({"users": ["u"], "data": 1}, key="n" * len(KEY))
+    closing = post({"users": ["u"], "data": 1}, "Connection: close")
+    requests = [same, same, other_key, same, longer, longer, same, closing]
+    answers = await alike(servers, *requests, pipelined=pipelined)
+    assert [s for s, _, _ in answers] == [202, 202, 401, 202, 202, 202, 202, 202]
+    assert answers[-1][1]["connection"] == "close"
+
+
 async def test_pipelined_requests_are_answered_in_order(servers: tuple[TidingsServer, ...]) -> None:
     requests = [
         post({"users": ["u"], "data": n}) if n % 2 == 0 else post({"users": "u"}, key=None)

@@ -78,6 +78,7 @@ class FastProtocol(asyncio.Protocol):
         "_idle",
         "_need",
         "_paused",
+        "_repeat",
         "_serving",
         "_stopping",
         "conn",
@@ -104,6 +105,8 @@ class FastProtocol(asyncio.Protocol):
         self._need = 0  # bytes the buffer must hold before the request is looked at again
         self._idle: asyncio.TimerHandle | None = None  # the keep-alive timeout, once answered
         self._answered = 0.0  # loop time of the last answer
+        # The last publish request's head bytes, its parse and its body length.
+        self._repeat: tuple[bytes, RequestHead, int] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -204,6 +207,11 @@ class FastProtocol(asyncio.Protocol):
     def _request(self) -> bool:
         """Take the request at `_at` in the buffer; False while its bytes are due."""
         buffer, at = self._buffer, self._at
+        repeat = self._repeat
+        if repeat is not None and buffer.startswith(repeat[0], at):
+            # The previous publish's head again, byte for byte (a backend on a keep-alive
+            # connection): parsed, it would give the same head and length.
+            return self._take_publish(repeat[1], at + len(repeat[0]), repeat[2])
         if not may_be_request(buffer[at : at + 64], _REQUEST_LINES):
             self._hand_off()
             return True
@@ -226,19 +234,26 @@ class FastProtocol(asyncio.Protocol):
             self.phase = _SETUP
             self._start(self._setup(head))
         elif (length := takes(head, fast.max_payload)) is not None:
-            if len(buffer) < end + length:
-                self._need = end + length - at  # the body is on its way
-                return False
-            self._need = 0
-            self._at = end + length
-            self.phase = _BUSY
-            answering = self._publish(head, buffer[end : end + length])
-            if fast.eager and fast.state.hub.running:
-                self._track(eager.start(answering, fast.loop or asyncio.get_event_loop()))
-            else:
-                self._start(answering)
+            self._repeat = (buffer[at:end], head, length)
+            return self._take_publish(head, end, length)
         else:
             self._hand_off()
+        return True
+
+    def _take_publish(self, head: RequestHead, end: int, length: int) -> bool:
+        """Answer the publish request whose head ends at `end`; False while its body is due."""
+        if len(self._buffer) < end + length:
+            self._need = end + length - self._at  # the body is on its way
+            return False
+        self._need = 0
+        self._at = end + length
+        self.phase = _BUSY
+        answering = self._publish(head, self._buffer[end : end + length])
+        fast = self.fast
+        if fast.eager and fast.state.hub.running:
+            self._track(eager.start(answering, fast.loop or asyncio.get_event_loop()))
+        else:
+            self._start(answering)
         return True
 
     def _start(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -347,9 +362,9 @@ class FastProtocol(asyncio.Protocol):
         if self.phase != _BUSY or transport is None:
             return  # the client left; connection_lost cleaned up
         close = result.fatal or not head.keep_alive or self._stopping
-        transport.write(result.render(self.fast.server_state.default_headers, close))
-        if self.fast.access_log:
+        if fast.access_log:  # before the answer leaves, as uvicorn logs it
             log_access(transport, head, result.status)
+        transport.write(result.render(fast.server_state.default_headers, close))
         if close:
             self.phase = _GONE  # serve nothing more; connection_lost cleans up
             transport.close()
