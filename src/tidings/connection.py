@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import cursor as cursors
 from . import wire
@@ -21,6 +22,7 @@ from .auth import Principal
 from .event import CloseReason, Event
 
 _ids = itertools.count(1)
+_last_part: list[Any] = [None, 0, ""]  # (stream, seq) -> cursor part of the event in fan-out
 
 
 class Connection:
@@ -89,6 +91,25 @@ class Connection:
 
     def cursor(self) -> str:
         return cursors.encode(self.epoch, self._parts)
+
+    def advance(self, stream: str, seq: int) -> str | None:
+        """Fan-out's inline step (the transports' `offer`): move `stream` to `seq` and give
+        the new cursor, or None if this connection has `seq` already or does not read
+        `stream` yet. `set_position` then `cursor`, for one stream and in fewer steps."""
+        positions = self.positions
+        pos = positions.get(stream)
+        if pos is None or seq <= pos:
+            return None
+        positions[stream] = seq
+        last = _last_part
+        if last[0] is stream and last[1] == seq:
+            part = last[2]  # every recipient of this event shares its cursor part
+        else:
+            part = self._hashes[stream] + format(seq, "x")
+            last[0], last[1], last[2] = stream, seq, part
+        parts = self._parts
+        parts[self._index[stream]] = part
+        return self.epoch + "." + ".".join(parts)
 
     def reads(self, stream: str) -> bool:
         return stream in self._index

@@ -65,20 +65,10 @@ class ChunkedSSEConnection(SSEConnection):
         if direct is None or self.pending is not None or len(streams) != 1:
             return super().offer(event)
         stream, seq = streams[0]
-        positions = self.positions
-        pos = positions.get(stream)
-        if pos is None or seq <= pos:
+        advanced = self.advance(stream, seq)
+        if advanced is None:
             return False
-        positions[stream] = seq
-        last = _last_part
-        if last[0] is stream and last[1] == seq:
-            part = last[2]  # every recipient of this event shares its cursor part
-        else:
-            part = self._hashes[stream] + format(seq, "x")
-            last[0], last[1], last[2] = stream, seq, part
-        parts = self._parts
-        parts[self._index[stream]] = part
-        cursor = (self.epoch + "." + ".".join(parts)).encode()
+        cursor = advanced.encode()
         body = event.sse_body
         frame = b"%x\r\nid: %b\n%b\r\n" % (len(cursor) + len(body) + 5, cursor, body)
         if COALESCE:
@@ -103,7 +93,6 @@ class ChunkedSSEConnection(SSEConnection):
         return True
 
 
-_last_part: list[Any] = [None, 0, ""]  # (stream, seq) -> cursor part of the event in fan-out
 # This loop iteration's first event (written as it goes unless the last iteration had
 # several), whether it has had several, whether the last one had several.
 _round: list[Any] = [None, False, False]

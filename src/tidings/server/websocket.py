@@ -137,25 +137,12 @@ class WSSocket(WSConnection):
         ):
             return super().offer(event)
         stream, seq = streams[0]
-        positions = self.positions
-        pos = positions.get(stream)
-        if pos is None or seq <= pos:
+        cursor = self.advance(stream, seq)
+        if cursor is None:
             return False
-        positions[stream] = seq
-        last = _last_part
-        if last[0] is stream and last[1] == seq:
-            part = last[2]  # every recipient of this event shares its cursor part
-        else:
-            part = self._hashes[stream] + format(seq, "x")
-            last[0], last[1], last[2] = stream, seq, part
-        parts = self._parts
-        parts[self._index[stream]] = part
         head, tail = event.ws_parts(stream)
-        direct(head + (self.epoch + "." + ".".join(parts)).encode() + tail)
+        direct(head + cursor.encode() + tail)
         return True
-
-
-_last_part: list[Any] = [None, 0, ""]  # (stream, seq) -> cursor part of the event in fan-out
 
 
 class WebSocketEndpoint:
