@@ -38,7 +38,7 @@ from sse_client import WAIT, Api, SSEClient, expect_marker, sse_stream
 from tidings.config import Settings
 from tidings.errors import ConfigError
 from tidings.hub import Hub, parse_message
-from tidings.ingest import Ingest, create_source
+from tidings.ingest import BusKeys, Ingest, create_source
 
 pytestmark = pytest.mark.integration
 
@@ -289,14 +289,75 @@ async def test_the_same_bus_position_publishes_once() -> None:
     async with hub:
         body = orjson.dumps({"users": ["ivy"], "data": 1})
         for _ in range(2):
-            assert await ingest.handle(body, "$bus:redis:s:1-0")
+            assert await ingest.handle(body, "bus:redis:s:1-0")
         assert hub.stats()["messages_published"] == 1
-        assert await ingest.handle(body, "$bus:redis:s:2-0")
+        assert await ingest.handle(body, "bus:redis:s:2-0")
         assert hub.stats()["messages_published"] == 2
         items = [{"users": ["ivy"], "data": i} for i in range(3)]
-        await hub.publish_message(parse_message({**items[0], "idempotency_key": "$bus:b/0"}))
-        assert await ingest.handle(orjson.dumps({"messages": items}), "$bus:b")
+        first = {**items[0], "idempotency_key": ingest.keys.key("bus:b") + "/0"}
+        await hub.publish_message(parse_message(first))
+        assert await ingest.handle(orjson.dumps({"messages": items}), "bus:b")
         assert hub.stats()["messages_published"] == 5  # 2 + the first + the 2 not yet out
+
+
+def test_derived_keys_need_the_servers_secret() -> None:
+    """A key derived from an origin shows nothing of it and changes with the secret;
+    instances sharing TIDINGS_JWT_SECRET (else TIDINGS_API_KEYS) derive the same."""
+    one, two = (BusKeys(secrets.token_bytes(32)) for _ in range(2))
+    key = one.key("id:order-7")
+    assert key.startswith("$bus:") and "order-7" not in key and len(key) <= 200
+    assert key == one.key("id:order-7") != two.key("id:order-7")
+    jwt = Settings(jwt_secret="s" * 32, api_keys=["k"])
+    assert BusKeys.from_settings(jwt).key("o") == BusKeys.from_settings(jwt).key("o")
+    assert BusKeys.from_settings(jwt).key("o") != BusKeys.from_settings(Settings()).key("o")
+    keys = Settings(api_keys=["a", "b"])
+    assert BusKeys.from_settings(keys).key("o") == BusKeys.from_settings(keys).key("o")
+
+
+@pytest.mark.parametrize("bus", ["nats", "redis"], indirect=True)
+async def test_an_api_publisher_cannot_claim_a_bus_messages_key_first(
+    bus: Bus, start_server: StartServer
+) -> None:
+    """A user who may publish in the tenant claims, through the API, the keys a bus
+    message would get from its Nats-Msg-Id or its position if they were used as they
+    are: the bus messages are still delivered (their keys are HMACs under the secret)."""
+    server = start_server(TIDINGS_INGEST_URL=bus.url)
+    await connected(server)
+    # The keys of the next two messages, as one could guess them from the bus.
+    if isinstance(bus, NatsBus):
+        info = await bus.nc.jetstream().stream_info(bus.stream)
+        created = int(info.created.timestamp() * 1e6)
+        guessed = ["order-9", f"$bus:nats:{bus.stream}:{created}:2"]
+    else:
+        assert isinstance(bus, RedisBus)
+        guessed = [f"$bus:redis:{bus.stream}:7-0", f"$bus:redis:{bus.stream}:8-0"]
+    mallory = server.token("mallory", publish=True)
+    async with (
+        Api(server.url, server.api_key) as api,
+        sse_stream(server.url, token=server.token("gus")) as stream,
+    ):
+        await stream.next_event("welcome")
+        await api.publish(token=mallory, users=["mallory"], idempotency_key=guessed[0])
+        decoy = {"recipients": ["gus"], "type": "t", "title": "decoy"}
+        response = await api.post(
+            "/api/v1/notifications", {**decoy, "idempotency_key": guessed[1]}, token=mallory
+        )
+        assert response.status_code == 201, response.text
+        assert (await data_of(stream, 1))[0]["title"] == "decoy"
+
+        message = {"users": ["gus"], "data": "工资已发放"}
+        notification = {"recipients": ["gus"], "type": "t", "title": "real"}
+        if isinstance(bus, NatsBus):
+            await bus.send(message, headers={"Nats-Msg-Id": "order-9"})
+            await bus.send(notification)
+        else:
+            await bus.r.xadd(bus.stream, {"body": orjson.dumps(message)}, id="7-0")
+            await bus.r.xadd(bus.stream, {"body": orjson.dumps(notification)}, id="8-0")
+        message_data, pushed = await data_of(stream, 2)
+        assert (message_data, pushed["title"]) == ("工资已发放", "real")
+        inbox = (await api.get("/api/v1/notifications", token=server.token("gus"))).json()
+        assert sorted(n["title"] for n in inbox["items"]) == ["decoy", "real"]
+    await counted(server, 2)
 
 
 # -- malformed messages ------------------------------------------------------------------
