@@ -66,10 +66,11 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str, within: flo
         await asyncio.sleep(0.02)
 
 
-async def metric(server: TidingsServer, name: str, **labels: str) -> float:
-    """One sample of /metrics (0 when absent)."""
+async def metric(where: TidingsServer | str, name: str, **labels: str) -> float:
+    """One sample of /metrics (0 when absent) of a server, or at a base URL."""
+    base = where if isinstance(where, str) else where.url
     async with httpx.AsyncClient(timeout=WAIT) as http:
-        text = (await http.get(server.url + "/metrics")).text
+        text = (await http.get(base + "/metrics")).text
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     pattern = re.escape(name + (f"{{{want}}}" if want else "")) + r" ([0-9.e+-]+)$"
     found = re.search(pattern, text, re.MULTILINE)
@@ -480,6 +481,68 @@ async def test_two_instances_deliver_each_message_once(
         await until(all_done, "both instances to finish")
         await expect_marker(stream, api, users=["fay"])  # nothing published twice before it
         assert await ingested(a) + await ingested(b) == count
+
+
+def two_free_ports() -> int:
+    """p such that p and p + 1 are free: worker i serves /metrics on TIDINGS_METRICS_PORT + i."""
+    for _ in range(50):
+        port = free_port()
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.bind(("127.0.0.1", port + 1))
+            return port
+    raise AssertionError("no two adjacent free ports")
+
+
+async def test_two_workers_deliver_each_message_once(
+    bus: Bus, shared_broker: str, start_server: StartServer
+) -> None:
+    """`tidings serve --workers 2`: both workers consume the bus as one group (consumer
+    group, durable consumer, queue group), so each message is published once."""
+    metrics = two_free_ports()
+    server = start_server(
+        TIDINGS_INGEST_URL=bus.url,
+        TIDINGS_BROKER_URL=shared_broker,
+        TIDINGS_WORKERS="2",
+        TIDINGS_METRICS_PORT=str(metrics),
+    )
+    workers = [f"http://127.0.0.1:{port}" for port in (metrics, metrics + 1)]
+
+    async def both_connected() -> bool:
+        try:
+            up = [await metric(w, "tidings_ingest_connected") for w in workers]
+        except httpx.TransportError:  # a worker's /metrics listener is not up yet
+            return False
+        return up == [1.0, 1.0]
+
+    await until(both_connected, f"both workers' ingest to connect:\n{server.log()}", within=SLOW)
+
+    async def published() -> float:
+        counts = [
+            await metric(w, "tidings_ingest_messages_total", outcome="published") for w in workers
+        ]
+        return sum(counts)
+
+    count = 60
+    async with (
+        Api(server.url, server.api_key) as api,
+        sse_stream(server.url, token=server.token("hal")) as stream,
+    ):
+        await stream.next_event("welcome")
+        for i in range(count):
+            await bus.send({"users": ["hal"], "data": i})
+        seen: list[int] = []
+        for _ in range(count):
+            [value] = await data_of(stream, 1)
+            assert value not in seen, f"{value} twice"
+            seen.append(value)
+        assert sorted(seen) == list(range(count))
+
+        async def all_done() -> bool:
+            return await published() >= count and await bus.drained()
+
+        await until(all_done, "both workers to finish")
+        await expect_marker(stream, api, users=["hal"])  # nothing published twice before it
+        assert await published() == count
 
 
 # -- failures ----------------------------------------------------------------------------
