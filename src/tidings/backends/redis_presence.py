@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..errors import BackendUnavailable
-from ..presence import Change, InstanceView, Summary, TenantView, decode_summary
+from ..presence_store import Change, InstanceView, Summary, TenantView, decode_summary
 from .redis import split_url
 
 _NOW = """
