@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from ..errors import BackendUnavailable
 from ..presence_store import Change, InstanceView, Summary, TenantView, decode_summary
-from .redis import split_url
+from .redis_layout import split_url
 
 _NOW = """
 local t = redis.call('TIME')
