@@ -38,7 +38,7 @@ from sse_client import WAIT, Api, SSEClient, expect_marker, sse_stream
 from tidings.config import Settings
 from tidings.errors import ConfigError
 from tidings.hub import Hub, parse_message
-from tidings.ingest import Ingest, create_source
+from tidings.ingest import BusKeys, Ingest, create_source
 
 pytestmark = pytest.mark.integration
 
@@ -66,10 +66,11 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str, within: flo
         await asyncio.sleep(0.02)
 
 
-async def metric(server: TidingsServer, name: str, **labels: str) -> float:
-    """One sample of /metrics (0 when absent)."""
+async def metric(where: TidingsServer | str, name: str, **labels: str) -> float:
+    """One sample of /metrics (0 when absent) of a server, or at a base URL."""
+    base = where if isinstance(where, str) else where.url
     async with httpx.AsyncClient(timeout=WAIT) as http:
-        text = (await http.get(server.url + "/metrics")).text
+        text = (await http.get(base + "/metrics")).text
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     pattern = re.escape(name + (f"{{{want}}}" if want else "")) + r" ([0-9.e+-]+)$"
     found = re.search(pattern, text, re.MULTILINE)
@@ -289,14 +290,75 @@ async def test_the_same_bus_position_publishes_once() -> None:
     async with hub:
         body = orjson.dumps({"users": ["ivy"], "data": 1})
         for _ in range(2):
-            assert await ingest.handle(body, "$bus:redis:s:1-0")
+            assert await ingest.handle(body, "bus:redis:s:1-0")
         assert hub.stats()["messages_published"] == 1
-        assert await ingest.handle(body, "$bus:redis:s:2-0")
+        assert await ingest.handle(body, "bus:redis:s:2-0")
         assert hub.stats()["messages_published"] == 2
         items = [{"users": ["ivy"], "data": i} for i in range(3)]
-        await hub.publish_message(parse_message({**items[0], "idempotency_key": "$bus:b/0"}))
-        assert await ingest.handle(orjson.dumps({"messages": items}), "$bus:b")
+        first = {**items[0], "idempotency_key": ingest.keys.key("bus:b") + "/0"}
+        await hub.publish_message(parse_message(first))
+        assert await ingest.handle(orjson.dumps({"messages": items}), "bus:b")
         assert hub.stats()["messages_published"] == 5  # 2 + the first + the 2 not yet out
+
+
+def test_derived_keys_need_the_servers_secret() -> None:
+    """A key derived from an origin shows nothing of it and changes with the secret;
+    instances sharing TIDINGS_JWT_SECRET (else TIDINGS_API_KEYS) derive the same."""
+    one, two = (BusKeys(secrets.token_bytes(32)) for _ in range(2))
+    key = one.key("id:order-7")
+    assert key.startswith("$bus:") and "order-7" not in key and len(key) <= 200
+    assert key == one.key("id:order-7") != two.key("id:order-7")
+    jwt = Settings(jwt_secret="s" * 32, api_keys=["k"])
+    assert BusKeys.from_settings(jwt).key("o") == BusKeys.from_settings(jwt).key("o")
+    assert BusKeys.from_settings(jwt).key("o") != BusKeys.from_settings(Settings()).key("o")
+    keys = Settings(api_keys=["a", "b"])
+    assert BusKeys.from_settings(keys).key("o") == BusKeys.from_settings(keys).key("o")
+
+
+@pytest.mark.parametrize("bus", ["nats", "redis"], indirect=True)
+async def test_an_api_publisher_cannot_claim_a_bus_messages_key_first(
+    bus: Bus, start_server: StartServer
+) -> None:
+    """A user who may publish in the tenant claims, through the API, the keys a bus
+    message would get from its Nats-Msg-Id or its position if they were used as they
+    are: the bus messages are still delivered (their keys are HMACs under the secret)."""
+    server = start_server(TIDINGS_INGEST_URL=bus.url)
+    await connected(server)
+    # The keys of the next two messages, as one could guess them from the bus.
+    if isinstance(bus, NatsBus):
+        info = await bus.nc.jetstream().stream_info(bus.stream)
+        created = int(info.created.timestamp() * 1e6)
+        guessed = ["order-9", f"$bus:nats:{bus.stream}:{created}:2"]
+    else:
+        assert isinstance(bus, RedisBus)
+        guessed = [f"$bus:redis:{bus.stream}:7-0", f"$bus:redis:{bus.stream}:8-0"]
+    mallory = server.token("mallory", publish=True)
+    async with (
+        Api(server.url, server.api_key) as api,
+        sse_stream(server.url, token=server.token("gus")) as stream,
+    ):
+        await stream.next_event("welcome")
+        await api.publish(token=mallory, users=["mallory"], idempotency_key=guessed[0])
+        decoy = {"recipients": ["gus"], "type": "t", "title": "decoy"}
+        response = await api.post(
+            "/api/v1/notifications", {**decoy, "idempotency_key": guessed[1]}, token=mallory
+        )
+        assert response.status_code == 201, response.text
+        assert (await data_of(stream, 1))[0]["title"] == "decoy"
+
+        message = {"users": ["gus"], "data": "工资已发放"}
+        notification = {"recipients": ["gus"], "type": "t", "title": "real"}
+        if isinstance(bus, NatsBus):
+            await bus.send(message, headers={"Nats-Msg-Id": "order-9"})
+            await bus.send(notification)
+        else:
+            await bus.r.xadd(bus.stream, {"body": orjson.dumps(message)}, id="7-0")
+            await bus.r.xadd(bus.stream, {"body": orjson.dumps(notification)}, id="8-0")
+        message_data, pushed = await data_of(stream, 2)
+        assert (message_data, pushed["title"]) == ("工资已发放", "real")
+        inbox = (await api.get("/api/v1/notifications", token=server.token("gus"))).json()
+        assert sorted(n["title"] for n in inbox["items"]) == ["decoy", "real"]
+    await counted(server, 2)
 
 
 # -- malformed messages ------------------------------------------------------------------
@@ -419,6 +481,68 @@ async def test_two_instances_deliver_each_message_once(
         await until(all_done, "both instances to finish")
         await expect_marker(stream, api, users=["fay"])  # nothing published twice before it
         assert await ingested(a) + await ingested(b) == count
+
+
+def two_free_ports() -> int:
+    """p such that p and p + 1 are free: worker i serves /metrics on TIDINGS_METRICS_PORT + i."""
+    for _ in range(50):
+        port = free_port()
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.bind(("127.0.0.1", port + 1))
+            return port
+    raise AssertionError("no two adjacent free ports")
+
+
+async def test_two_workers_deliver_each_message_once(
+    bus: Bus, shared_broker: str, start_server: StartServer
+) -> None:
+    """`tidings serve --workers 2`: both workers consume the bus as one group (consumer
+    group, durable consumer, queue group), so each message is published once."""
+    metrics = two_free_ports()
+    server = start_server(
+        TIDINGS_INGEST_URL=bus.url,
+        TIDINGS_BROKER_URL=shared_broker,
+        TIDINGS_WORKERS="2",
+        TIDINGS_METRICS_PORT=str(metrics),
+    )
+    workers = [f"http://127.0.0.1:{port}" for port in (metrics, metrics + 1)]
+
+    async def both_connected() -> bool:
+        try:
+            up = [await metric(w, "tidings_ingest_connected") for w in workers]
+        except httpx.TransportError:  # a worker's /metrics listener is not up yet
+            return False
+        return up == [1.0, 1.0]
+
+    await until(both_connected, f"both workers' ingest to connect:\n{server.log()}", within=SLOW)
+
+    async def published() -> float:
+        counts = [
+            await metric(w, "tidings_ingest_messages_total", outcome="published") for w in workers
+        ]
+        return sum(counts)
+
+    count = 60
+    async with (
+        Api(server.url, server.api_key) as api,
+        sse_stream(server.url, token=server.token("hal")) as stream,
+    ):
+        await stream.next_event("welcome")
+        for i in range(count):
+            await bus.send({"users": ["hal"], "data": i})
+        seen: list[int] = []
+        for _ in range(count):
+            [value] = await data_of(stream, 1)
+            assert value not in seen, f"{value} twice"
+            seen.append(value)
+        assert sorted(seen) == list(range(count))
+
+        async def all_done() -> bool:
+            return await published() >= count and await bus.drained()
+
+        await until(all_done, "both workers to finish")
+        await expect_marker(stream, api, users=["hal"])  # nothing published twice before it
+        assert await published() == count
 
 
 # -- failures ----------------------------------------------------------------------------

@@ -1,19 +1,17 @@
 """`Settings`: one frozen, validated value object read from flags, `TIDINGS_*` env and TOML.
 
-Every setting, its default and its rule are listed in docs/configuration.md.
+Every setting, its default and its rule are listed in docs/configuration.md. Parsing
+single values is config_values.py's; error messages, config_errors.py's.
 """
 
 from __future__ import annotations
 
 import contextvars
-import ipaddress
 import logging
-import math
 import os
-import re
 import secrets
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +31,15 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .config_errors import explain, num
+from .config_values import (
+    ENV_PREFIX,
+    is_loopback,
+    mask_url,
+    parse_duration,
+    parse_jwks_urls,
+    split_list,
+)
 from .errors import ConfigError
 from .topics import TopicPatterns
 
@@ -40,67 +47,12 @@ __all__ = ["Settings", "is_loopback", "parse_duration", "parse_jwks_urls"]
 
 log = logging.getLogger("tidings.config")
 
-_PREFIX = "TIDINGS_"
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h|d)?\s*", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(://[^:/@]*):[^@/]*@")
-_JWKS_PAIR = re.compile(r"(.+?)=(https?://\S+)")
 _MIN_SECRET_BYTES = 32
 _DERIVED = frozenset({"dev_mode"})  # computed by with_dev_secret(), never read from env/TOML
 
 
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string: ``30``, ``30s``, ``250ms``, ``5m``, ``24h``, ``90d``."""
-    if isinstance(value, bool):
-        raise ValueError(f"must be a duration such as 30s, 5m or 24h (got {value!r})")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
-        seconds = float(m[1]) * _UNITS[(m[2] or "s").lower()]
-    else:
-        raise ValueError(f"must be a duration such as 30s, 5m or 24h (got {value!r})")
-    if not math.isfinite(seconds):
-        raise ValueError(f"must be a finite duration (got {value!r})")
-    return seconds
-
-
-def _split_list(value: object) -> object:
-    """Comma-separated string (env, TOML) or a real list; blanks stripped and dropped."""
-    if isinstance(value, str):
-        value = value.split(",")
-    if not isinstance(value, list | tuple):
-        return value
-    items = [v.strip() if isinstance(v, str) else v for v in value]
-    return [v for v in items if v != ""]  # non-strings stay, for the type check to name
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 (also IPv4-mapped) and ``localhost``."""
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback
-    return addr.is_loopback
-
-
-def parse_jwks_urls(value: str) -> tuple[tuple[str | None, str], ...]:
-    """``https://idp/jwks`` → ((None, url),); ``iss1=url1,iss2=url2`` → ((iss1, url1), ...)."""
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    pairs = [_JWKS_PAIR.fullmatch(p) for p in parts]
-    if len(parts) == 1 and pairs[0] is None and parts[0].startswith(("http://", "https://")):
-        return ((None, parts[0]),)
-    if not parts or any(m is None for m in pairs):
-        raise ValueError("must be one http(s) URL or a comma list of issuer=url pairs")
-    return tuple((m[1].strip(), m[2]) for m in pairs if m is not None)
-
-
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-StrList = Annotated[list[str], BeforeValidator(_split_list)]
+StrList = Annotated[list[str], BeforeValidator(split_list)]
 _LogLevel = Literal["debug", "info", "warning", "error"]
 _LogFormat = Literal["text", "json"]
 _toml_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("tidings_toml")
@@ -108,7 +60,7 @@ _toml_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("t
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=_PREFIX,
+        env_prefix=ENV_PREFIX,
         frozen=True,
         extra="forbid",
         env_ignore_empty=True,  # TIDINGS_JWT_SECRET= means "not set", not "empty secret"
@@ -166,7 +118,7 @@ class Settings(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError(_explain(exc)) from None
+            raise ConfigError(explain(exc, _DURATION_FIELDS)) from None
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -235,7 +187,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value:
-            raise ValueError(f"must be a URL such as scheme://... (got {_mask_url(value)!r})")
+            raise ValueError(f"must be a URL such as scheme://... (got {mask_url(value)!r})")
         return value
 
     @model_validator(mode="after")
@@ -243,12 +195,12 @@ class Settings(BaseSettings):
         if self.client_timeout < 2 * self.heartbeat_interval:
             raise ValueError(
                 f"TIDINGS_CLIENT_TIMEOUT must be at least 2 × TIDINGS_HEARTBEAT_INTERVAL "
-                f"({_num(2 * self.heartbeat_interval)} s), got {_num(self.client_timeout)} s"
+                f"({num(2 * self.heartbeat_interval)} s), got {num(self.client_timeout)} s"
             )
         if self.presence_ttl < 2 * self.presence_interval:
             raise ValueError(
                 f"TIDINGS_PRESENCE_TTL must be at least 2 × TIDINGS_PRESENCE_INTERVAL "
-                f"({_num(2 * self.presence_interval)} s), got {_num(self.presence_ttl)} s"
+                f"({num(2 * self.presence_interval)} s), got {num(self.presence_ttl)} s"
             )
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError("TIDINGS_METRICS_PORT must differ from TIDINGS_PORT")
@@ -311,7 +263,7 @@ class Settings(BaseSettings):
             if name == "api_keys":
                 yield name, ["***"] * len(self.api_keys)
             elif name in ("database_url", "broker_url", "ingest_url") and value:
-                yield name, _mask_url(value)
+                yield name, mask_url(value)
             else:
                 yield name, value
 
@@ -347,14 +299,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
     known = set(Settings.model_fields) - _DERIVED
     values: dict[str, Any] = {}
     for raw_key, value in [*data.items(), *table.items()]:
-        key = raw_key.lower().removeprefix(_PREFIX.lower())
+        key = raw_key.lower().removeprefix(ENV_PREFIX.lower())
         if key not in known:
             raise ConfigError(
                 f"config file {str(path)!r}: unknown key {raw_key!r} "
-                f"({_PREFIX}{key.upper()} is not a setting)"
+                f"({ENV_PREFIX}{key.upper()} is not a setting)"
             )
         if key in values:
-            raise ConfigError(f"config file {str(path)!r}: {_PREFIX}{key.upper()} is set twice")
+            raise ConfigError(f"config file {str(path)!r}: {ENV_PREFIX}{key.upper()} is set twice")
         values[key] = value
     return values
 
@@ -389,59 +341,9 @@ def _read_secret(path: Path) -> str:
     return secret
 
 
-# -- error messages ----------------------------------------------------------------------
-
-_SECRET_FIELDS = frozenset({"jwt_secret", "api_keys"})
+# Fields in seconds, for error messages (config_errors.py).
 _DURATION_FIELDS = frozenset(
     name
     for name, f in Settings.model_fields.items()
     if BeforeValidator(parse_duration) in f.metadata
 )
-
-
-def _num(value: object) -> str:
-    """2.0 → "2", "abc" → "'abc'": numbers as an operator would write them."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-def _mask_url(url: str) -> str:
-    return _URL_PASSWORD.sub(r"\1:***@", url)
-
-
-def _explain(exc: ValidationError) -> str:
-    return "\n".join(_explain_one(err) for err in exc.errors())
-
-
-_RULES = {
-    "greater_than_equal": "must be at least {ge}{unit}",
-    "greater_than": "must be greater than {gt}{unit}",
-    "less_than_equal": "must be at most {le}{unit}",
-    "literal_error": "must be one of {expected}",
-    "int_parsing": "must be an integer",
-    "int_from_float": "must be an integer",
-    "float_parsing": "must be a number",
-    "bool_parsing": "must be true or false",
-}
-
-
-def _explain_one(err: Mapping[str, Any]) -> str:
-    loc, ctx = err["loc"], err.get("ctx", {})
-    if not loc:  # a model-level rule: its message already names the keys
-        return str(ctx.get("error", err["msg"]))
-    field = str(loc[0])
-    key = _PREFIX + field.upper()
-    if err["type"] == "extra_forbidden":
-        return f"{key} is not a setting"
-    if err["type"] == "value_error":
-        return f"{key} {ctx['error']}"
-    unit = " s" if field in _DURATION_FIELDS else ""
-    rule = _RULES.get(err["type"], "is invalid ({msg})")
-    rule = rule.format(
-        unit=unit,
-        msg=err["msg"],
-        **{k: _num(v) if not isinstance(v, str) else v for k, v in ctx.items()},
-    )
-    got = "" if field in _SECRET_FIELDS else f" (got {_num(err['input'])})"
-    return f"{key} {rule}{got}"

@@ -42,7 +42,7 @@ from nats.js import api
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from ..errors import BackendUnavailable
-from ..presence import USER, Change, InstanceView, Summary, TenantView, chunks, decode_summary
+from ..presence_store import USER, Change, InstanceView, Summary, TenantView, chunks, decode_summary
 from .nats.layout import split_url, token, untoken
 
 log = logging.getLogger("tidings.backends.nats_presence")

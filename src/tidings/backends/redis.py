@@ -1,16 +1,6 @@
 """The Redis backend (`redis://`, `rediss://`): several instances form one service.
 
-Layout (every key starts with the URL's ``?prefix=``, default ``tidings``)::
-
-    <p>:epoch                  string  names the history; a cursor carries it
-    <p>:gen                    counter one per publish; a smaller value after a
-                                       reconnect means Redis lost writes (rollback)
-    <p>:n:<len>:<tenant>       hash    stream -> its last position (1, 2, 3 …)
-    <p>:h:<len>:<tenant>:<s>   stream  history, entry id ``<position>-0``, field ``e``
-                                       = the event as JSON; MAXLEN ~ history_size,
-                                       the key expires history_ttl after its last write
-    <p>:k:<key>                string  idempotency claims (SET NX PX)
-    <p>:ev                     channel every event, for every instance
+The keys it keeps and the Lua scripts that change them are redis_layout.py's.
 
 Publishing is one Lua script: check the epoch, take the next position of each
 stream (HINCRBY), XADD to each stream's history and PUBLISH the event, so
@@ -48,7 +38,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -59,106 +49,28 @@ from redis.exceptions import RedisError, ResponseError
 from ..errors import BackendUnavailable
 from ..event import CONTROL, EVENT, Event
 from .base import EventCallback
+from .redis_layout import (
+    EPOCH_ERROR,
+    HISTORY,
+    PUBLISH,
+    SYNC_EPOCH,
+    TOPS,
+    split_url,
+    tenant_part,
+)
+
+__all__ = ["RedisBackend", "split_url"]
 
 log = logging.getLogger("tidings.backends.redis")
 
 ResyncCallback = Callable[[], Awaitable[None]]
 
-_EPOCH_ERROR = "TIDINGS_EPOCH"
 _PING_AFTER = 5.0  # seconds of silence on the channel before we ping it
 _DEAD_AFTER = 15.0  # seconds without any answer: the connection is dead
 _CLOSE_WAIT = 5.0  # seconds close() waits for the reader to stop
 _BACKOFF_INITIAL = 0.05
 _BACKOFF_MAX = 5.0
 _CONNECT_TIMEOUT = 10.0  # at start-up, how long `connect()` waits for Redis
-
-# KEYS: epoch, gen, counters, history_1 … history_n
-# ARGV: epoch, size, ttl_ms, channel, head, tail, then per stream: name, json name, is_user
-_PUBLISH = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('TIDINGS_EPOCH') end
-local gen = redis.call('INCR', KEYS[2])
-local n = #KEYS - 3
-local seqs, parts, shared = {}, {}, {}
-for i = 1, n do
-  local b = 7 + (i - 1) * 3
-  local seq = redis.call('HINCRBY', KEYS[3], ARGV[b], 1)
-  seqs[i] = seq
-  parts[i] = '[' .. ARGV[b + 1] .. ',' .. seq .. ']'
-  if ARGV[b + 2] == '0' then shared[#shared + 1] = parts[i] end
-end
-local size, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
-if size > 0 then
-  local common = table.concat(shared, ',')
-  for i = 1, n do
-    local list = common
-    if ARGV[7 + (i - 1) * 3 + 2] == '1' then
-      if #shared > 0 then list = parts[i] .. ',' .. common else list = parts[i] end
-    end
-    local key = KEYS[3 + i]
-    redis.call('XADD', key, 'MAXLEN', '~', size, seqs[i] .. '-0', 'e',
-               ARGV[5] .. '[' .. list .. ']' .. ARGV[6])
-    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
-  end
-end
-redis.call('PUBLISH', ARGV[4], gen .. ' ' .. ARGV[1] .. ' ' .. ARGV[5] .. '['
-           .. table.concat(parts, ',') .. ']' .. ARGV[6])
-return seqs
-"""
-
-# KEYS: epoch, counters, history. ARGV: epoch, stream, after, most
-# -> {top} or {top, id1, body1, id2, body2, …}
-_HISTORY = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('TIDINGS_EPOCH') end
-local top = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
-local after = tonumber(ARGV[3])
-local out = {top}
-if after >= top or top - after > tonumber(ARGV[4]) then return out end
-local entries = redis.call('XRANGE', KEYS[3], (after + 1) .. '-0', '+', 'COUNT', top - after)
-for _, entry in ipairs(entries) do
-  out[#out + 1] = entry[1]
-  out[#out + 1] = entry[2][2]
-end
-return out
-"""
-
-# KEYS: epoch, counters. ARGV: epoch, stream … -> positions
-_TOPS = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('TIDINGS_EPOCH') end
-local out = {}
-for i = 2, #ARGV do out[i - 1] = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0') end
-return out
-"""
-
-# KEYS: epoch, gen. ARGV: candidate epoch, the epoch we knew ('' if none), highest gen we saw
-# -> {epoch, gen}: a new epoch when Redis has none, or rolled back behind what we saw.
-_SYNC_EPOCH = """
-local cur = redis.call('GET', KEYS[1])
-local gen = tonumber(redis.call('GET', KEYS[2]) or '0')
-if (not cur) or (cur == ARGV[2] and gen < tonumber(ARGV[3])) then
-  redis.call('SET', KEYS[1], ARGV[1])
-  return {ARGV[1], gen}
-end
-return {cur, gen}
-"""
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """-> (the URL for redis-py, the key prefix from ``?prefix=``, default ``tidings``)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = "tidings"
-    kept = []
-    for key, value in query:
-        if key == "prefix":
-            prefix = value or prefix
-        else:
-            kept.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
-
-
-def _tenant_part(tenant: str) -> str:
-    # The length makes `<tenant>:<stream>` unambiguous whatever the tenant contains.
-    return f"{len(tenant)}:{tenant}"
 
 
 def _backoff(attempt: int) -> float:
@@ -188,10 +100,10 @@ class RedisBackend:
             socket_timeout=10.0,
             health_check_interval=0,
         )
-        self._publish = self._redis.register_script(_PUBLISH)
-        self._history = self._redis.register_script(_HISTORY)
-        self._tops = self._redis.register_script(_TOPS)
-        self._sync = self._redis.register_script(_SYNC_EPOCH)
+        self._publish = self._redis.register_script(PUBLISH)
+        self._history = self._redis.register_script(HISTORY)
+        self._tops = self._redis.register_script(TOPS)
+        self._sync = self._redis.register_script(SYNC_EPOCH)
         self._on_event: EventCallback | None = None
         self.on_resync: ResyncCallback | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -207,10 +119,10 @@ class RedisBackend:
     # -- keys -----------------------------------------------------------------
 
     def _counters(self, tenant: str) -> str:
-        return f"{self.prefix}:n:{_tenant_part(tenant)}"
+        return f"{self.prefix}:n:{tenant_part(tenant)}"
 
     def _hkey(self, tenant: str, stream: str) -> str:
-        return f"{self.prefix}:h:{_tenant_part(tenant)}:{stream}"
+        return f"{self.prefix}:h:{tenant_part(tenant)}:{stream}"
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -388,7 +300,7 @@ class RedisBackend:
             raise BackendUnavailable(f"the broker (Redis at {self._where()}) is unavailable")
 
     def _failed(self, exc: Exception) -> BackendUnavailable:
-        if isinstance(exc, ResponseError) and _EPOCH_ERROR in str(exc):
+        if isinstance(exc, ResponseError) and EPOCH_ERROR in str(exc):
             self._kick = True
             self._ready = False
             return BackendUnavailable("the broker's history changed; retry shortly")

@@ -29,8 +29,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..errors import BackendUnavailable
-from ..presence import Change, InstanceView, Summary, TenantView, decode_summary
-from .redis import split_url
+from ..presence_store import Change, InstanceView, Summary, TenantView, decode_summary
+from .redis_layout import split_url
 
 _NOW = """
 local t = redis.call('TIME')

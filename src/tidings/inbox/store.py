@@ -2,71 +2,53 @@
 
 Every method is one short transaction. Writes that a push depends on return
 what the push needs (the records, the changed ids, the new unread count),
-read inside the same transaction. Nothing here knows about transports.
-
-SQLite runs in WAL mode (readers never wait for the writer) with a busy
-timeout; write transactions start with ``BEGIN IMMEDIATE`` so two writers queue
-for the lock instead of failing when one upgrades from reading to writing.
+read inside the same transaction. Nothing here knows about transports. The
+engine (drivers, SQLite's WAL and BEGIN modes) is engine.py's; the SQL the
+methods share, queries.py's.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import uuid
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    Mapping,
-    Sequence,
-)
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar, cast
 
-import orjson
-from sqlalchemy import (
-    ColumnElement,
-    Dialect,
-    RowMapping,
-    Select,
-    String,
-    Table,
-    bindparam,
-    delete,
-    event,
-    func,
-    select,
-    update,
-)
+from sqlalchemy import Dialect, RowMapping, delete, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import BackendUnavailable
 from .batching import Coalescer
-from .models import NotificationRow, new_id, utcnow
+from .engine import create_engine, database_url, unavailable
+from .models import new_id, utcnow
+from .queries import (
+    PG_UNREAD,
+    C,
+    T,
+    count_where,
+    counting,
+    owned_by,
+    sqlite_unread_counts,
+    unread_counts,
+    unread_of,
+)
 from .schema import NewNotification, Query
 
 __all__ = ["Created", "Inbox", "Page", "create_engine", "database_url", "to_record"]
 
 log = logging.getLogger("tidings.inbox")
 
-SQLITE_BUSY_TIMEOUT_MS = 5000  # how long a writer waits for SQLite's lock before failing
 PURGE_BATCH = 5000  # rows per DELETE of the retention purge (short locks, bounded WAL)
 COUNT_BATCH = 500  # users per statement of a batched unread count (bind parameters)
 COUNT_WINDOW = 0.002  # seconds a batch of unread counts waits for company in a burst
 
-T = cast(Table, NotificationRow.__table__)
 R = TypeVar("R")
-C = T.c
 
 
 class Created(NamedTuple):
@@ -93,57 +75,6 @@ class Changed:
     record: dict[str, Any] | None = None
 
 
-def database_url(url: str | URL) -> URL:
-    """The URL with its async driver: ``sqlite://`` → aiosqlite, ``postgresql://`` → asyncpg."""
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite" and parsed.drivername != "sqlite+aiosqlite":
-        parsed = parsed.set(drivername="sqlite+aiosqlite")
-    elif backend in ("postgresql", "postgres") and parsed.drivername != "postgresql+asyncpg":
-        parsed = parsed.set(drivername="postgresql+asyncpg")
-    return parsed
-
-
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-def create_engine(url: str | URL) -> AsyncEngine:
-    """An async engine for the inbox: WAL and a busy timeout on SQLite, asyncpg on PostgreSQL."""
-    parsed = database_url(url)
-    options: dict[str, Any] = {"json_serializer": _json, "json_deserializer": orjson.loads}
-    if parsed.get_backend_name() != "sqlite":
-        # No pre-ping (a round trip per checkout, on every request): reads retry once on
-        # a fresh connection instead (see Inbox._reading).
-        return create_async_engine(parsed, **options)
-    if parsed.database in (None, "", ":memory:"):
-        # One shared connection, or every connection would see its own empty database.
-        options["poolclass"] = StaticPool
-    engine = create_async_engine(parsed, **options)
-    event.listen(engine.sync_engine, "connect", _sqlite_connect)
-    event.listen(engine.sync_engine, "begin", _sqlite_begin)
-    return engine
-
-
-def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
-    # The driver's own implicit BEGIN is off: `_sqlite_begin` says which BEGIN.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    for pragma in (
-        "journal_mode=WAL",
-        f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
-        "synchronous=NORMAL",  # durable at each checkpoint; safe with WAL
-    ):
-        cursor.execute(f"PRAGMA {pragma}")
-    cursor.close()
-
-
-def _sqlite_begin(conn: Any) -> None:
-    mode = conn.get_execution_options().get("tidings_begin", "DEFERRED")
-    if mode != "NONE":  # NONE: a read, each statement its own transaction
-        conn.exec_driver_sql(f"BEGIN {mode}")
-
-
 def to_record(row: Mapping[Any, Any]) -> dict[str, Any]:
     """A row as API.md §7 spells a notification."""
     read_at = row["read_at"]
@@ -164,10 +95,6 @@ def to_record(row: Mapping[Any, Any]) -> dict[str, Any]:
 
 def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _mine(tenant: str, user: str) -> list[ColumnElement[bool]]:
-    return [C.tenant == tenant, C.recipient == user]
 
 
 class Inbox:
@@ -202,7 +129,7 @@ class Inbox:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        with _unavailable():
+        with unavailable():
             async with self._writer.begin() as conn:
                 yield conn
 
@@ -213,7 +140,7 @@ class Inbox:
         invalidates the pool, so the second try gets a fresh connection and no read
         fails for the restart. (Writes are not retried: they answer 503 once.)
         """
-        with _unavailable():
+        with unavailable():
             try:
                 async with self._reader.connect() as conn:
                     return await work(conn)
@@ -273,7 +200,7 @@ class Inbox:
                 )
                 for earlier_row in (await conn.execute(query)).mappings():
                     found[earlier_row["recipient"]] = dict(earlier_row)
-            counts = await _unread_counts(conn, new.tenant, [r["recipient"] for r in rows])
+            counts = await unread_counts(conn, new.tenant, [r["recipient"] for r in rows])
         return [
             Created(to_record(row), row["id"] in inserted, counts.get(user, 0))
             for user in new.recipients
@@ -290,7 +217,7 @@ class Inbox:
     # -- read ---------------------------------------------------------------------------
 
     async def get(self, tenant: str, user: str, id: uuid.UUID) -> dict[str, Any] | None:
-        query = select(T).where(C.id == id, *_mine(tenant, user))
+        query = select(T).where(C.id == id, *owned_by(tenant, user))
 
         async def read(conn: AsyncConnection) -> RowMapping | None:
             return (await conn.execute(query)).mappings().first()
@@ -300,13 +227,13 @@ class Inbox:
 
     async def list(self, tenant: str, user: str, query: Query) -> Page:
         """One page, newest first, with the filtered total and the inbox's unread count."""
-        where = _mine(tenant, user)
+        where = owned_by(tenant, user)
         if query.unread is not None:
             where.append(C.read_at.is_(None) if query.unread else C.read_at.is_not(None))
         if query.type is not None:
             where.append(C.type == query.type)
-        total = _counting(where).scalar_subquery().label("total")
-        unread = _counting(_unread(tenant, user)).scalar_subquery().label("unread")
+        total = counting(where).scalar_subquery().label("total")
+        unread = counting(unread_of(tenant, user)).scalar_subquery().label("unread")
         # One round trip: the counts ride along as uncorrelated subqueries (computed once).
         items = (
             select(T, total, unread)
@@ -350,7 +277,7 @@ class Inbox:
         async def read(conn: AsyncConnection) -> dict[tuple[str, str], int]:
             counts: dict[tuple[str, str], int] = {}
             for tenant, users in by_tenant.items():
-                result = await conn.exec_driver_sql(_PG_UNREAD, (tenant, users))
+                result = await conn.exec_driver_sql(PG_UNREAD, (tenant, users))
                 rows = cast(list[tuple[str, int]], result.all())
                 counts.update(((tenant, user), count) for user, count in rows)
             return counts
@@ -367,14 +294,14 @@ class Inbox:
         statements, so it sees every commit and keeps no snapshot (or WAL) alive.
         """
         if self._counter is None:
-            with _unavailable():
+            with unavailable():
                 conn = await self._reader.connect()
                 self._counter = conn, (await conn.get_raw_connection()).driver_connection
         counter, driver = self._counter
         counts: dict[tuple[str, str], int] = {}
         try:
             for tenant, users in by_tenant.items():
-                rows = await _sqlite_unread_counts(driver, tenant, users)
+                rows = await sqlite_unread_counts(driver, tenant, users)
                 counts.update(((tenant, user), count) for user, count in rows)
         except BaseException:
             self._counter = None  # the next batch opens a fresh one
@@ -386,7 +313,7 @@ class Inbox:
 
     async def mark_one_read(self, tenant: str, user: str, id: uuid.UUID) -> Changed | None:
         """Mark one read (idempotent: `ids` is empty when it already was); None if not theirs."""
-        mine = [C.id == id, *_mine(tenant, user)]
+        mine = [C.id == id, *owned_by(tenant, user)]
         async with self._write() as conn:
             change = update(T).where(*mine, C.read_at.is_(None)).values(read_at=utcnow())
             row = (await conn.execute(change.returning(*C))).mappings().first()
@@ -396,14 +323,14 @@ class Inbox:
                 if row is None:
                     return None
             changed.record = to_record(row)
-            changed.unread_count = await _count(conn, _unread(tenant, user))
+            changed.unread_count = await count_where(conn, unread_of(tenant, user))
         return changed
 
     async def mark_read(
         self, tenant: str, user: str, ids: Iterable[uuid.UUID] | None = None
     ) -> Changed:
         """Mark these (None: all) of the user's unread notifications read."""
-        where = _unread(tenant, user)
+        where = unread_of(tenant, user)
         if ids is not None:
             wanted = list(ids)
             if not wanted:
@@ -412,16 +339,16 @@ class Inbox:
         async with self._write() as conn:
             change = update(T).where(*where).values(read_at=utcnow()).returning(C.id)
             changed = Changed(ids=[str(i) for i in (await conn.execute(change)).scalars()])
-            changed.unread_count = await _count(conn, _unread(tenant, user))
+            changed.unread_count = await count_where(conn, unread_of(tenant, user))
         return changed
 
     async def delete(self, tenant: str, user: str, id: uuid.UUID) -> Changed | None:
         """Delete one; None if the user has no such notification."""
         async with self._write() as conn:
-            gone = delete(T).where(C.id == id, *_mine(tenant, user)).returning(C.id)
+            gone = delete(T).where(C.id == id, *owned_by(tenant, user)).returning(C.id)
             if (await conn.execute(gone)).first() is None:
                 return None
-            count = await _count(conn, _unread(tenant, user))
+            count = await count_where(conn, unread_of(tenant, user))
         return Changed(ids=[str(id)], unread_count=count)
 
     async def purge(
@@ -443,88 +370,3 @@ class Inbox:
                 progress(total)
             if result.rowcount < PURGE_BATCH:
                 return total
-
-
-def _unread(tenant: str, user: str) -> list[ColumnElement[bool]]:
-    return [*_mine(tenant, user), C.read_at.is_(None)]
-
-
-def _counting(where: list[ColumnElement[bool]]) -> Select[int]:
-    return select(func.count()).select_from(T).where(*where)
-
-
-async def _count(conn: AsyncConnection, where: list[ColumnElement[bool]]) -> int:
-    return (await conn.execute(_counting(where))).scalar_one()
-
-
-async def _unread_counts(
-    conn: AsyncConnection, tenant: str, users: Sequence[str]
-) -> dict[str, int]:
-    if conn.dialect.name == "postgresql":
-        # One probe of the unread index per user, the list as one array parameter. (A
-        # plain IN filter is fine until PostgreSQL caches a generic plan for the
-        # prepared statement: then every row scans the whole parameter list.)
-        wanted = func.unnest(bindparam("users", list(users), type_=ARRAY(String)))
-        user = wanted.table_valued("recipient").render_derived()
-        count = _counting(
-            [C.tenant == tenant, C.recipient == user.c.recipient, C.read_at.is_(None)]
-        )
-        query = select(user.c.recipient, count.scalar_subquery())
-    else:
-        query = (
-            select(C.recipient, func.count())
-            .where(C.tenant == tenant, C.recipient.in_(users), C.read_at.is_(None))
-            .group_by(C.recipient)
-        )
-    return {user: count for user, count in await conn.execute(query)}
-
-
-# The batched unread count as SQL text (see Inbox._unread_batch). PostgreSQL: one probe of
-# the partial unread index per user, as `_unread_counts` does (a plan that stays good when
-# the prepared statement's plan becomes generic).
-_PG_UNREAD = (
-    f"SELECT w.recipient, (SELECT count(*) FROM {T.name} AS n WHERE n.tenant = $1"
-    " AND n.recipient = w.recipient AND n.read_at IS NULL)"
-    " FROM unnest($2::varchar[]) AS w(recipient)"
-)
-_sqlite_unread_sql: dict[int, str] = {}
-
-
-def _sqlite_unread(size: int) -> str:
-    """SQLite's statement for `size` users (a power of two: few texts to prepare)."""
-    sql = _sqlite_unread_sql.get(size)
-    if sql is None:
-        marks = ", ".join("?" * size)
-        sql = _sqlite_unread_sql[size] = (
-            f"SELECT recipient, count(*) FROM {T.name} WHERE tenant = ?"
-            f" AND recipient IN ({marks}) AND read_at IS NULL GROUP BY recipient"
-        )
-    return sql
-
-
-async def _sqlite_unread_counts(
-    driver: Any, tenant: str, users: Sequence[str]
-) -> list[tuple[str, int]]:
-    """Unread counts of `users` through an aiosqlite connection: one call on its thread."""
-    size = 1 << (len(users) - 1).bit_length()
-    padded = [*users, *[users[-1]] * (size - len(users))]  # a repeated name counts once
-    try:
-        sql = _sqlite_unread(size)
-        rows: list[tuple[str, int]] = await driver.execute_fetchall(sql, (tenant, *padded))
-    except sqlite3.OperationalError as exc:  # what SQLAlchemy would wrap as OperationalError
-        raise BackendUnavailable(f"the inbox database does not answer: {exc}") from exc
-    return rows
-
-
-@contextmanager
-def _unavailable() -> Iterator[None]:
-    """Errors of the "cannot reach the database" kind become BackendUnavailable (503)."""
-    try:
-        yield
-    except sa_exc.DBAPIError as exc:
-        gone = isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
-        if not (gone or exc.connection_invalidated):
-            raise
-        raise BackendUnavailable(f"the inbox database does not answer: {exc.orig}") from exc
-    except (sa_exc.TimeoutError, OSError) as exc:
-        raise BackendUnavailable(f"the inbox database does not answer: {exc}") from exc

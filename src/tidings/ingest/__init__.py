@@ -22,17 +22,17 @@ was published or rejected for good. When the broker or the inbox database
 is unavailable (the HTTP API's 503) it is retried in place with backoff and
 never acknowledged meanwhile, so nothing is lost; a redelivery publishes
 nothing twice, because every message carries an idempotency key — its own
-``idempotency_key``, else the NATS ``Nats-Msg-Id`` header, else one made from
-its position on the bus. A malformed message is logged with the reason,
-counted in ``tidings_ingest_messages_total{outcome=...}`` and acknowledged:
-never fatal, never retried.
+``idempotency_key``, else one derived (keys.py: an HMAC no API publisher can
+reproduce) from the NATS ``Nats-Msg-Id`` header, else from its position on the
+bus. A malformed message is logged with the reason, counted in
+``tidings_ingest_messages_total{outcome=...}`` and acknowledged: never fatal,
+never retried.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,17 +52,17 @@ from ..errors import (
 )
 from ..hub import Hub, Message, authorize, parse_message
 from ..inbox.schema import NewNotification, parse_new
+from .keys import BusKeys
 from .url import create_source
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Ingest", "Source", "create_source"]
+__all__ = ["BusKeys", "Ingest", "Source", "create_source"]
 
 log = logging.getLogger("tidings.ingest")
 
 MAX_BATCH = 1000  # messages in one batch, as `POST /api/v1/publish/batch`
-MAX_KEY = 200  # characters of an idempotency key
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # seconds between attempts, doubling, jittered
 STOP_GRACE = 5.0  # seconds `stop()` lets the message in hand finish
 OUTCOMES = ("published", "malformed", "too_large", "invalid", "forbidden", "failed")
@@ -113,6 +113,8 @@ class Ingest:
         tenant: None: messages name any tenant (as an API key); a tenant: they may
             name only that one (as a user token with ``publish: true`` there).
         max_payload: bytes a message may have (TIDINGS_MAX_PAYLOAD).
+        keys: derives the idempotency keys of messages without their own (default: with
+            a secret of this process only; `from_settings` shares one across instances).
     """
 
     def __init__(
@@ -123,8 +125,10 @@ class Ingest:
         registry: CollectorRegistry | None = None,
         tenant: str | None = None,
         max_payload: int = 65536,
+        keys: BusKeys | None = None,
     ) -> None:
         self.hub = hub
+        self.keys = keys or BusKeys()
         self.source = source
         self.tenant = tenant
         self.max_payload = max_payload
@@ -174,6 +178,7 @@ class Ingest:
             registry=registry,
             tenant=settings.ingest_tenant,
             max_payload=settings.max_payload,
+            keys=BusKeys.from_settings(settings),
         )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -247,20 +252,21 @@ class Ingest:
     # -- one message ----------------------------------------------------------------------
 
     async def handle(
-        self, body: bytes | None, key: str | None, keepalive: Publish | None = None
+        self, body: bytes | None, origin: str | None, keepalive: Publish | None = None
     ) -> bool:
         """Publish one bus message. True: done with it (published, or rejected for good) —
         acknowledge it. False: not published, because we are stopping while the broker is
         unavailable — leave it for a redelivery.
 
-        `key` is the transport's idempotency key (Nats-Msg-Id, or the position on the bus);
-        `keepalive` tells the bus we still hold the message while we wait to retry.
+        `origin` names the message on the bus (keys.py: its Nats-Msg-Id or position): its
+        idempotency key, unless it has its own, is derived from it; `keepalive` tells the
+        bus we still hold the message while we wait to retry.
         """
         try:
-            publish = self.prepare(body, key)
+            publish = self.prepare(body, origin)
         except Rejected as exc:
             self.messages.labels(exc.outcome).inc()
-            log.warning("ingest: rejected a message (%s, key %s): %s", exc.outcome, key, exc)
+            log.warning("ingest: rejected a message (%s, origin %s): %s", exc.outcome, origin, exc)
             return True
         backoff, retried = Backoff(), 0
         while True:
@@ -273,7 +279,7 @@ class Ingest:
                     return False
                 delay = backoff.next()
                 say = log.warning if retried == 1 else log.debug  # once per message
-                say("ingest: %s; holding message %s, retrying with backoff", exc, key)
+                say("ingest: %s; holding message %s, retrying with backoff", exc, origin)
                 if keepalive is not None:
                     with contextlib.suppress(Exception):
                         await keepalive()
@@ -282,22 +288,23 @@ class Ingest:
                     return False
                 continue
             except (InvalidRequest, Forbidden) as exc:  # e.g. an inbox-less hub
-                return self._rejected("invalid" if exc.status == 400 else "forbidden", exc, key)
+                return self._rejected("invalid" if exc.status == 400 else "forbidden", exc, origin)
             except Exception as exc:  # a bug: do not stall the bus on it
-                log.exception("ingest: message %s failed", key)
-                return self._rejected("failed", exc, key)
+                log.exception("ingest: message %s failed", origin)
+                return self._rejected("failed", exc, origin)
             self.messages.labels("published").inc()
             if retried:
-                log.warning("ingest: message %s published after %d retries", key, retried)
+                log.warning("ingest: message %s published after %d retries", origin, retried)
             return True
 
-    def _rejected(self, outcome: str, exc: Exception, key: str | None) -> bool:
+    def _rejected(self, outcome: str, exc: Exception, origin: str | None) -> bool:
         self.messages.labels(outcome).inc()
-        log.warning("ingest: rejected a message (%s, key %s): %s", outcome, key, exc)
+        log.warning("ingest: rejected a message (%s, origin %s): %s", outcome, origin, exc)
         return True
 
-    def prepare(self, body: bytes | None, key: str | None) -> Publish:
+    def prepare(self, body: bytes | None, origin: str | None) -> Publish:
         """Validate and authorise a message; returns what publishes it. Raises Rejected."""
+        key = None if origin is None else self.keys.key(origin)
         if body is None:
             raise Rejected("malformed", "the entry has no `body` field")
         if len(body) > self.max_payload:
@@ -368,18 +375,3 @@ class Ingest:
         if inbox is None:
             raise InvalidRequest("this server keeps no inbox")
         return lambda: inbox.notify(new)
-
-
-def bus_key(*parts: str) -> str:
-    """An idempotency key from a message's position on the bus, at most 200 characters."""
-    key = "$bus:" + ":".join(parts)
-    if len(key) > MAX_KEY:
-        key = "$bus:" + hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
-    return key
-
-
-def header_key(value: str) -> str:
-    """A publisher's own id (Nats-Msg-Id) as an idempotency key: kept when it fits."""
-    if 0 < len(value) <= MAX_KEY:
-        return value
-    return "$id:" + hashlib.blake2b(value.encode(), digest_size=20).hexdigest()

@@ -34,7 +34,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from . import bus_key, header_key
+from .keys import message_id, position
 
 if TYPE_CHECKING:
     from . import Ingest
@@ -120,19 +120,19 @@ class NatsSource:
         sub = await js.pull_subscribe(
             self.subject, durable=self.durable, stream=name, config=config
         )
-        # A key from the position must not repeat if the stream is deleted and made again.
+        # An origin from the position must not repeat if the stream is deleted and made again.
         created = str(int(info.created.timestamp() * 1e6)) if info.created else "0"
         return js, sub, name, f"{name}:{created}"
 
     async def _run_jetstream(self, ingest: Ingest) -> None:
-        js, sub, stream, origin = await self._setup()
+        js, sub, stream, incarnation = await self._setup()
         ingest.up()
         idle = 0
         while not ingest.stopping:
             if self._resetup:  # the server may have come back without our stream or consumer
                 self._resetup = False
                 await sub.unsubscribe()
-                js, sub, stream, origin = await self._setup()
+                js, sub, stream, incarnation = await self._setup()
             try:
                 msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
             except NatsTimeout:
@@ -145,7 +145,9 @@ class NatsSource:
             for index, msg in enumerate(msgs):
                 async with ingest.holding() as go:
                     if go:
-                        go = await ingest.handle(msg.data, self._key(msg, origin), msg.in_progress)
+                        go = await ingest.handle(
+                            msg.data, self._origin(msg, incarnation), msg.in_progress
+                        )
                     if go:
                         await msg.ack()
                         continue
@@ -153,11 +155,11 @@ class NatsSource:
                         await rest.nak()
                     return
 
-    def _key(self, msg: Any, origin: str) -> str:
+    def _origin(self, msg: Any, incarnation: str) -> str:
         headers = msg.headers or {}
         if "Nats-Msg-Id" in headers:
-            return header_key(headers["Nats-Msg-Id"])
-        return bus_key("nats", origin, str(msg.metadata.sequence.stream))
+            return message_id(headers["Nats-Msg-Id"])
+        return position("nats", incarnation, str(msg.metadata.sequence.stream))
 
     # -- core -----------------------------------------------------------------------------
 
@@ -171,10 +173,10 @@ class NatsSource:
             except NatsTimeout:
                 continue
             headers = msg.headers or {}
-            key = header_key(headers["Nats-Msg-Id"]) if "Nats-Msg-Id" in headers else None
+            origin = message_id(headers["Nats-Msg-Id"]) if "Nats-Msg-Id" in headers else None
             async with ingest.holding():  # taken: handle it even when stopping
-                if not await ingest.handle(msg.data, key):
-                    log.error("ingest: stopped holding core NATS message %s: it is lost", key)
+                if not await ingest.handle(msg.data, origin):
+                    log.error("ingest: stopped holding core NATS message %s: it is lost", origin)
 
     # -- callbacks ------------------------------------------------------------------------
 

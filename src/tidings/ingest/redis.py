@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from . import bus_key
+from .keys import position
 
 if TYPE_CHECKING:
     from . import Ingest
@@ -102,8 +102,8 @@ class RedisSource:
             async def keepalive() -> None:  # reset its idle time, so no one claims it
                 await r.xclaim(self.stream, self.group, self.consumer, 0, [entry_id], justid=True)
 
-            key = bus_key("redis", self.stream, name)
-            if not await ingest.handle(fields.get(b"body"), key, keepalive=keepalive):
+            origin = position("redis", self.stream, name)
+            if not await ingest.handle(fields.get(b"body"), origin, keepalive=keepalive):
                 return False
         await r.xack(self.stream, self.group, entry_id)
         return True
