@@ -3,10 +3,13 @@
 It reads the request head; a stream request (`fasthttp.is_stream`) or a publish request
 (`fastpublish.takes`) is served here, anything else is handed, with the bytes read so
 far, to uvicorn's `HttpToolsProtocol`.
-A stream's checks and attach run as one task (`FastPath.stack`); then the response
-head, ``retry:``, the ``welcome`` and any ``reset`` leave in one write and fan-out
-writes straight to the socket (``conn.direct = transport.write``): no task, no timer
-and no read buffer per idle stream.
+A stream's checks and attach (`streams.open_sse`) run straight from the request head
+where `faststream.goes_direct` allows, started at once up to their first wait where
+they may start outside a task (`eager`), else through the app's ASGI stack
+(`FastPath.stack`) as a task; then the response head, ``retry:``, the ``welcome`` and
+any ``reset`` leave in one write and fan-out writes straight to the socket
+(``conn.direct = transport.write``): no task, no timer and no read buffer per idle
+stream.
 
 Back-pressure: while the transport's write buffer is over its high-water mark
 (`pause_writing`) the connection has no `direct` writer, so frames go to its bounded
@@ -39,19 +42,23 @@ from uvicorn.server import ServerState
 from ..event import CloseReason
 from . import eager
 from .app import SSE_PATHS
-from .fastapp import Capture, FastPath, log_access
+from .fastapp import Capture, FastPath, log_access, remote_addr
 from .fasthttp import (
     HEAD_END,
     LAST_CHUNK,
     MAX_HEAD,
     HeadError,
     RequestHead,
+    chunk,
     is_stream,
     may_be_request,
     response_head,
 )
 from .fastpublish import REQUEST_LINE, Answer, takes
+from .faststream import goes_direct, open_stream
 from .fastwriter import SHUTDOWN_TAIL, ChunkedSSEConnection
+from .sse import HEADERS
+from .streams import greet
 
 log = logging.getLogger("tidings.fastpath")
 
@@ -224,7 +231,7 @@ class FastProtocol(asyncio.Protocol):
         elif is_stream(head, STREAM_PATHS):
             self._at = end
             self.phase = _SETUP
-            self._start(self._setup(head))
+            self._stream(head)
         elif (length := takes(head, fast.max_payload)) is not None:
             if len(buffer) < end + length:
                 self._need = end + length - at  # the body is on its way
@@ -278,7 +285,52 @@ class FastProtocol(asyncio.Protocol):
         self.conn = conn
         return True
 
+    def _stream(self, head: RequestHead) -> None:
+        """Open the stream `head` asks for: straight from the head where `goes_direct`
+        allows (at once where it may start outside a task), else through the ASGI stack."""
+        fast = self.fast
+        if not goes_direct(fast.state, fast.middleware, fast.proxy_headers, head):
+            self._start(self._setup(head))
+        elif fast.eager and fast.state.hub.running:
+            self._track(eager.start(self._open(head), fast.loop or asyncio.get_event_loop()))
+        else:
+            self._start(self._open(head))
+
+    async def _open(self, head: RequestHead) -> None:
+        """The direct way: `open_sse` on the head, then the answer or the live stream."""
+        fast = self.fast
+        opened = await open_stream(fast.state, head, self._client_ip)
+        if isinstance(opened, Answer):  # refused: nothing registered
+            if self.phase != _SETUP:
+                return  # the client left; connection_lost cleaned up
+            if fast.access_log:
+                log_access(self.transport, head, opened.status)
+            self._answer(opened.status, opened.headers or [], opened.body, head)
+            return
+        conn = opened.conn
+        if not self.adopt(conn):
+            fast.state.hub.broker.detach(conn)  # the client left meanwhile
+            return
+        greet(fast.state, opened, chunk)
+        who = conn.principal
+        log.debug(
+            "sse open %s user=%r tenant=%r topics=%s (fast path)",
+            conn.id,
+            who.user_id,
+            who.tenant,
+            opened.welcome["topics"],
+        )
+        if fast.access_log:
+            log_access(self.transport, head, 200)
+        self._go_live(HEADERS)
+
+    def _client_ip(self) -> str:
+        """The peer's address, as `http.client_ip` gives it when no proxy header counts."""
+        peer = remote_addr(self.transport) if self.transport is not None else None
+        return peer[0] if peer else "?"
+
     async def _setup(self, head: RequestHead) -> None:
+        """The ASGI way: the request through the app's middleware to `FastPath.open_stream`."""
         capture = Capture()
         try:
             assert self.transport is not None
@@ -296,16 +348,16 @@ class FastProtocol(asyncio.Protocol):
         if self.fast.access_log:
             log_access(self.transport, head, capture.status or 500)
         if capture.status == 200 and self.conn is not None:
-            self._go_live(capture)
+            self._go_live(capture.headers)
         else:
-            self._answer(capture, head)
+            self._answer(capture.status or 500, capture.headers, capture.body, head)
 
-    def _go_live(self, capture: Capture) -> None:
+    def _go_live(self, headers: list[tuple[bytes, bytes]]) -> None:
         conn, transport = self.conn, self.transport
         assert conn is not None and transport is not None
         self.phase = _LIVE
         defaults = self.fast.server_state.default_headers
-        head = response_head(200, capture.headers, defaults, chunked=True)
+        head = response_head(200, headers, defaults, chunked=True)
         self._buffer = b""
         transport.write(head + b"".join(conn.drain()))
         if conn.closed is not None:  # overflowed or disconnected during the setup
@@ -319,16 +371,16 @@ class FastProtocol(asyncio.Protocol):
         if self._stopping:
             conn.close(CloseReason.SHUTDOWN)
 
-    def _answer(self, capture: Capture, head: RequestHead) -> None:
+    def _answer(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, head: RequestHead
+    ) -> None:
         """An error before any 200: answer it; the connection stays open for more requests."""
         transport = self.transport
         assert transport is not None
-        if capture.status == 0:  # nothing was sent: should not happen
-            capture.status = 500
         close = not head.keep_alive or self._stopping
         defaults = self.fast.server_state.default_headers
-        out = response_head(capture.status, capture.headers, defaults, close=close)
-        transport.write(out + capture.body)
+        out = response_head(status, headers, defaults, close=close)
+        transport.write(out + body)
         if close:
             transport.close()
             return
