@@ -4,9 +4,8 @@ It reads the request head; a stream request (`fasthttp.is_stream`) or a publish 
 (`fastpublish.takes`) is served here, anything else is handed, with the bytes read so
 far, to uvicorn's `HttpToolsProtocol`.
 A stream's checks and attach (`streams.open_sse`) run straight from the request head
-where `faststream.goes_direct` allows, started at once up to their first wait where
-they may start outside a task (`eager`), else through the app's ASGI stack
-(`FastPath.stack`) as a task; then the response head, ``retry:``, the ``welcome`` and
+where `faststream.goes_direct` allows, else through the app's ASGI stack
+(`FastPath.stack`), as a task; then the response head, ``retry:``, the ``welcome`` and
 any ``reset`` leave in one write and fan-out writes straight to the socket
 (``conn.direct = transport.write``): no task, no timer and no read buffer per idle
 stream.
@@ -286,15 +285,14 @@ class FastProtocol(asyncio.Protocol):
         return True
 
     def _stream(self, head: RequestHead) -> None:
-        """Open the stream `head` asks for: straight from the head where `goes_direct`
-        allows (at once where it may start outside a task), else through the ASGI stack."""
+        """Open the stream `head` asks for, as a task: straight from the head where
+        `goes_direct` allows, else through the ASGI stack. (Not `eager`: started at once,
+        a burst's setups cost more, ~8 µs each; docs/benchmarks.md, "Connects".)"""
         fast = self.fast
-        if not goes_direct(fast.state, fast.middleware, fast.proxy_headers, head):
-            self._start(self._setup(head))
-        elif fast.eager and fast.state.hub.running:
-            self._track(eager.start(self._open(head), fast.loop or asyncio.get_event_loop()))
-        else:
+        if goes_direct(fast.state, fast.middleware, fast.proxy_headers, head):
             self._start(self._open(head))
+        else:
+            self._start(self._setup(head))
 
     async def _open(self, head: RequestHead) -> None:
         """The direct way: `open_sse` on the head, then the answer or the live stream."""
