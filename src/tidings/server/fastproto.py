@@ -289,7 +289,12 @@ class FastProtocol(asyncio.Protocol):
         `goes_direct` allows, else through the ASGI stack. (Not `eager`: started at once,
         a burst's setups cost more, ~8 µs each; docs/benchmarks.md, "Connects".)"""
         fast = self.fast
-        if goes_direct(fast.state, fast.middleware, fast.proxy_headers, head):
+        if goes_direct(
+            head,
+            middleware=fast.middleware,
+            proxy_headers=fast.proxy_headers,
+            connect_rate=fast.state.connect_limit.rate,
+        ):
             self._start(self._open(head))
         else:
             self._start(self._setup(head))

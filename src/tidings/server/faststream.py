@@ -36,12 +36,15 @@ log = logging.getLogger("tidings.fastpath")
 _FORWARDED_FOR = b"x-forwarded-for"
 
 
-def goes_direct(st: State, middleware: bool, proxy_headers: bool, head: RequestHead) -> bool:
-    """Whether the stream request `head` opens without the ASGI stack (the rule above);
-    `middleware`: the app has user middleware; `proxy_headers`: uvicorn's setting."""
+def goes_direct(
+    head: RequestHead, *, middleware: bool, proxy_headers: bool, connect_rate: float
+) -> bool:
+    """Whether the stream request `head` opens without the ASGI stack (the rule above).
+    `middleware`: the app has user middleware; `proxy_headers`: uvicorn's setting;
+    `connect_rate`: TIDINGS_CONNECT_RATE (0: none)."""
     if middleware:
         return False
-    if st.connect_limit.rate <= 0 or not proxy_headers:
+    if connect_rate <= 0 or not proxy_headers:
         return True
     return all(name != _FORWARDED_FOR for name, _ in head.headers)
 
