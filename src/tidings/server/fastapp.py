@@ -3,7 +3,9 @@
 `FastPath` is what every `FastProtocol` of one server shares: the app's `State`,
 uvicorn's config and server state, and `stack`, the app's user middleware (CORS) and
 uvicorn's proxy-headers middleware around `FastPath.open_stream`, so a stream request
-sees the heads and client addresses it would see on the ASGI path. `open_stream` is
+sees the heads and client addresses it would see on the ASGI path. Streams go this way
+only when the middleware may change their answer (`faststream.goes_direct`); the others
+open straight from the head (`faststream.open_stream`). `open_stream` is
 `streams.open_sse` and `streams.greet`, exactly as `server/sse.py` calls them; `Capture`
 records its answer for the protocol to write.
 
