@@ -111,6 +111,7 @@ class FastPath:
         self.keep_alive_s = float(config.timeout_keep_alive)
         self.access_log = bool(config.access_log)
         self.proxy_headers = bool(config.proxy_headers)
+        self.middleware = bool(self.app.user_middleware)  # as `stack` is built, below
         stack: Any = self.open_stream
         for cls, args, kwargs in reversed(self.app.user_middleware):
             stack = cls(stack, *args, **kwargs)

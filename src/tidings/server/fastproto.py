@@ -301,6 +301,8 @@ class FastProtocol(asyncio.Protocol):
 
     async def _open(self, head: RequestHead) -> None:
         """The direct way: `open_sse` on the head, then the answer or the live stream."""
+        if self.phase != _SETUP:
+            return  # the client left before this began: nothing to check or count
         fast = self.fast
         opened = await open_stream(fast.state, head, self._client_ip)
         if isinstance(opened, Answer):  # refused: nothing registered
