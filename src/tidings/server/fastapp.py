@@ -30,13 +30,14 @@ from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
 from ..errors import TidingsError
-from .fasthttp import HeadCache, RequestHead, chunk
+from .fasthttp import HeadCache, RequestHead
 from .fastpublish import Answer, answer, json_headers, may_start_eagerly
+from .faststream import greet_chunked
 from .fastwriter import ChunkedSSEConnection
 from .http import INTERNAL, Credentials, client_ip, error_response
 from .sse import HEADERS
 from .state import State
-from .streams import greet, open_sse
+from .streams import open_sse
 
 if TYPE_CHECKING:
     from .fastproto import FastProtocol
@@ -208,16 +209,7 @@ class FastPath:
             st.hub.broker.detach(conn)  # the client left meanwhile
             return
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        greet(st, opened, chunk)
-        who = conn.principal
-        topics = opened.welcome["topics"]
-        log.debug(
-            "sse open %s user=%r tenant=%r topics=%s (fast path)",
-            conn.id,
-            who.user_id,
-            who.tenant,
-            topics,
-        )
+        greet_chunked(st, opened)
 
 
 _access_log = logging.getLogger("tidings.access")

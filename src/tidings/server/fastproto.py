@@ -48,16 +48,14 @@ from .fasthttp import (
     MAX_HEAD,
     HeadError,
     RequestHead,
-    chunk,
     is_stream,
     may_be_request,
     response_head,
 )
 from .fastpublish import REQUEST_LINE, Answer, takes
-from .faststream import goes_direct, open_stream
+from .faststream import goes_direct, greet_chunked, open_stream
 from .fastwriter import SHUTDOWN_TAIL, ChunkedSSEConnection
 from .sse import HEADERS
-from .streams import greet
 
 log = logging.getLogger("tidings.fastpath")
 
@@ -316,15 +314,7 @@ class FastProtocol(asyncio.Protocol):
         if not self.adopt(conn):
             fast.state.hub.broker.detach(conn)  # the client left meanwhile
             return
-        greet(fast.state, opened, chunk)
-        who = conn.principal
-        log.debug(
-            "sse open %s user=%r tenant=%r topics=%s (fast path)",
-            conn.id,
-            who.user_id,
-            who.tenant,
-            opened.welcome["topics"],
-        )
+        greet_chunked(fast.state, opened)
         if fast.access_log:
             log_access(self.transport, head, 200)
         self._go_live(HEADERS)

@@ -24,12 +24,12 @@ import logging
 from collections.abc import Callable
 
 from ..errors import TidingsError
-from .fasthttp import RequestHead
+from .fasthttp import RequestHead, chunk
 from .fastpublish import Answer, credentials
 from .fastwriter import ChunkedSSEConnection
 from .http import INTERNAL, error_response
 from .state import State
-from .streams import Opened, open_sse
+from .streams import Opened, greet, open_sse
 
 log = logging.getLogger("tidings.fastpath")
 
@@ -66,3 +66,18 @@ def refusal(exc: TidingsError) -> Answer:
     """`exc` as the ASGI route answers it: `http.error_response`'s status, headers, body."""
     response = error_response(exc)
     return Answer(response.status_code, bytes(response.body), response.raw_headers)
+
+
+def greet_chunked(st: State, opened: Opened[ChunkedSSEConnection]) -> None:
+    """Queue the stream's first frames as HTTP chunks (`streams.greet`) and log it open;
+    both ways do this once the protocol took the connection (`FastProtocol.adopt`)."""
+    greet(st, opened, chunk)
+    conn = opened.conn
+    who = conn.principal
+    log.debug(
+        "sse open %s user=%r tenant=%r topics=%s (fast path)",
+        conn.id,
+        who.user_id,
+        who.tenant,
+        opened.welcome["topics"],
+    )
