@@ -314,6 +314,42 @@ async def test_forwarded_clients_count_for_the_connect_rate_alike_on_both_paths(
     assert [a[0] for a in answers[0]] == [401, 429, 200, 401, 429, 200], answers
 
 
+async def test_both_ways_write_the_access_and_sse_open_lines_as_before(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """At debug level: the access line (uvicorn's logger on the ASGI path, ours on the
+    fast path, either way), and the debug line of each stream that opened."""
+    shared = {"TIDINGS_LOG_LEVEL": "debug", "TIDINGS_JWT_SECRET": secrets.token_urlsafe(48)}
+    servers = {
+        "asgi": TidingsServer(tmp_path_factory.mktemp("asgi"), {**shared, "FASTPATH": "0"}),
+        "direct": TidingsServer(tmp_path_factory.mktemp("direct"), shared),
+        "stack": TidingsServer(
+            tmp_path_factory.mktemp("stack"), {**shared, "CORS_ORIGINS": ORIGIN}
+        ),
+    }
+    try:
+        for srv in servers.values():
+            srv.start()
+        for name, srv in servers.items():
+            logger = "uvicorn.access: " if name == "asgi" else "tidings.access: "
+            user = "log-" + secrets.token_hex(4)
+            before = len(srv.log())
+            refused = await request(srv, "/api/v1/stream", [], source())
+            opened = await request(srv, "/api/v1/stream?topics=", [token(srv, user)], source())
+            assert (refused.status, opened.status) == (401, 200), (name, srv.log())
+            lines = srv.log()[before:]  # written before the answers were
+            assert f"{logger}127.0.1." in lines, (name, lines)
+            assert '"GET /api/v1/stream HTTP/1.1" 401' in lines, (name, lines)
+            assert '"GET /api/v1/stream?topics= HTTP/1.1" 200' in lines, (name, lines)
+            assert lines.count(logger) == 2, (name, lines)
+            assert f" user={user!r} tenant='' topics=[]" in lines, (name, lines)  # sse open
+            assert lines.count("sse open ") == 1, (name, lines)
+            assert ("(fast path)" in lines) is (name != "asgi"), (name, lines)
+    finally:
+        for srv in servers.values():
+            srv.close()
+
+
 @pytest.mark.parametrize(
     ("middleware", "proxy_headers", "rate", "forwarded", "direct"),
     [
