@@ -6,6 +6,11 @@ outside: the same bad requests against two real servers, byte for byte the same
 status, headers (but `date`) and JSON error, or the same `reset` for a cursor that
 cannot be honoured. A broker that fails while a stream opens is a 503 on both, with
 nothing left registered (a throw-away redis-server, killed mid-test).
+
+The fast path opens a stream straight from the request head, or through the app's ASGI
+stack when middleware (CORS) or a proxy header may change the answer
+(`server/faststream.py`): both ways answer alike too, with CORS and with forwarded
+client addresses under a connect rate.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import pytest
 
 from server import TidingsServer, free_port
 from sse_client import WAIT, sse_stream
+from tidings.server.fasthttp import parse_head
+from tidings.server.faststream import goes_direct
 
 ENV = {
     "TIDINGS_PUBLIC_TOPICS": "lobby,news:*",
@@ -238,6 +245,132 @@ async def test_topics_switched_off_are_answered_alike_on_both_paths(
         ]
     assert answers[0] == answers[1], answers
     assert answers[0][0] == 400 and "TIDINGS_ENABLE_TOPICS" in answers[0][2]["error"]["message"]
+
+
+# -- straight from the head, or through the ASGI stack (server/faststream.py) ----------------
+
+ORIGIN = "https://app.example"
+CORS_HEADERS = ("access-control-allow-origin", "access-control-allow-credentials", "vary")
+
+
+def without_cors(answer: Answer) -> tuple[int, dict[str, str], Any]:
+    status, headers, body = answer.key()
+    return status, {k: v for k, v in headers.items() if k not in CORS_HEADERS}, body
+
+
+async def test_with_cors_streams_open_through_the_middleware_and_answer_as_without(
+    tmp_path_factory: pytest.TempPathFactory, both: dict[str, TidingsServer]
+) -> None:
+    """CORS makes the fast server open streams through the app's middleware (the ASGI
+    stack): its answers are the ASGI server's with CORS, and the direct path's (`both`,
+    no CORS) but for the CORS headers."""
+    origin = f"Origin: {ORIGIN}"
+    user = "o-" + secrets.token_hex(4)  # its own: the per-user limit is one stream
+
+    def each(srv: TidingsServer) -> list[tuple[str, str, list[str]]]:
+        return [*cases(srv), ("a stream that opens", "/api/v1/stream", [token(srv, user)])]
+
+    with pair(tmp_path_factory, **ENV, TIDINGS_CORS_ORIGINS=ORIGIN) as cors:
+        servers = (cors["asgi"], cors["fast"], both["fast"])  # the last: direct, no CORS
+        for requests in zip(*(each(srv) for srv in servers), strict=True):
+            a, f, d = [
+                await request(srv, target, [*headers, origin], source())
+                for srv, (_, target, headers) in zip(servers, requests, strict=True)
+            ]
+            what = requests[0][0]
+            assert a.key() == f.key(), (what, a, f)
+            assert f.headers["access-control-allow-origin"] == ORIGIN, (what, f)  # middleware
+            assert "Origin" in f.headers["vary"], (what, f)
+            assert not d.headers.keys() & set(CORS_HEADERS), (what, d)
+            assert without_cors(f) == d.key(), (what, f, d)
+        assert (a.status, f.status, d.status) == (200, 200, 200)  # the last one opened
+
+
+async def test_forwarded_clients_count_for_the_connect_rate_alike_on_both_paths(
+    both: dict[str, TidingsServer],
+) -> None:
+    """With a connect rate and uvicorn's proxy headers (it trusts 127.0.0.1), a request
+    with X-Forwarded-For opens through the ASGI stack, where the forwarded address is
+    the client; one without opens directly and counts for its peer. Both ways share the
+    one rate limit, keyed alike, on both servers."""
+    proxy = "127.0.0.1"  # uvicorn's default FORWARDED_ALLOW_IPS
+    answers = []
+    for srv in both.values():
+        untrusted = source()
+
+        def ok(srv: TidingsServer = srv) -> str:  # a user of its own: a 200 stays open
+            return token(srv, "fwd-" + secrets.token_hex(4))
+
+        steps = [
+            (proxy, ["X-Forwarded-For: 10.9.0.1"]),  # 401; counts for 10.9.0.1
+            (proxy, ["X-Forwarded-For: 10.9.0.1", ok()]),  # 429: the same forwarded client
+            (proxy, ["X-Forwarded-For: 10.9.0.2", ok()]),  # 200: another one, not the proxy
+            (untrusted, ["X-Forwarded-For: 10.9.0.3"]),  # 401; an untrusted peer counts itself
+            (untrusted, [ok()]),  # 429: the peer again, now on the direct way
+            (proxy, ["X-Forwarded-For: 10.9.0.3", ok()]),  # 200: 10.9.0.3 was never counted
+        ]
+        answers.append([(await request(srv, "/api/v1/stream", h, src)).key() for src, h in steps])
+    assert answers[0] == answers[1], answers
+    assert [a[0] for a in answers[0]] == [401, 429, 200, 401, 429, 200], answers
+
+
+async def test_both_ways_write_the_access_and_sse_open_lines_as_before(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """At debug level: the access line (uvicorn's logger on the ASGI path, ours on the
+    fast path, either way), and the debug line of each stream that opened."""
+    shared = {"TIDINGS_LOG_LEVEL": "debug", "TIDINGS_JWT_SECRET": secrets.token_urlsafe(48)}
+    servers = {
+        "asgi": TidingsServer(tmp_path_factory.mktemp("asgi"), {**shared, "FASTPATH": "0"}),
+        "direct": TidingsServer(tmp_path_factory.mktemp("direct"), shared),
+        "stack": TidingsServer(
+            tmp_path_factory.mktemp("stack"), {**shared, "CORS_ORIGINS": ORIGIN}
+        ),
+    }
+    try:
+        for srv in servers.values():
+            srv.start()
+        for name, srv in servers.items():
+            logger = "uvicorn.access: " if name == "asgi" else "tidings.access: "
+            user = "log-" + secrets.token_hex(4)
+            before = len(srv.log())
+            refused = await request(srv, "/api/v1/stream", [], source())
+            opened = await request(srv, "/api/v1/stream?topics=", [token(srv, user)], source())
+            assert (refused.status, opened.status) == (401, 200), (name, srv.log())
+            lines = srv.log()[before:]  # written before the answers were
+            assert f"{logger}127.0.1." in lines, (name, lines)
+            assert '"GET /api/v1/stream HTTP/1.1" 401' in lines, (name, lines)
+            assert '"GET /api/v1/stream?topics= HTTP/1.1" 200' in lines, (name, lines)
+            assert lines.count(logger) == 2, (name, lines)
+            assert f" user={user!r} tenant='' topics=[]" in lines, (name, lines)  # sse open
+            assert lines.count("sse open ") == 1, (name, lines)
+            assert ("(fast path)" in lines) is (name != "asgi"), (name, lines)
+    finally:
+        for srv in servers.values():
+            srv.close()
+
+
+@pytest.mark.parametrize(
+    ("middleware", "proxy_headers", "rate", "forwarded", "direct"),
+    [
+        (False, True, 0.0, True, True),  # no connect rate: nothing asks for the address
+        (False, False, 5.0, True, True),  # no proxy headers: the peer is the client
+        (False, True, 5.0, False, True),  # nothing forwarded: the peer is the client
+        (False, True, 5.0, True, False),  # the middleware may rewrite the client
+        (True, False, 0.0, False, False),  # user middleware (CORS) sees every request
+    ],
+)
+def test_the_rule_for_opening_straight_from_the_head(
+    middleware: bool, proxy_headers: bool, rate: float, forwarded: bool, direct: bool
+) -> None:
+    raw = b"GET /api/v1/stream HTTP/1.1\r\nHost: t\r\n"
+    if forwarded:
+        raw += b"X-Forwarded-For: 10.0.0.1\r\n"
+    head = parse_head(raw + b"\r\n")
+    assert (
+        goes_direct(head, middleware=middleware, proxy_headers=proxy_headers, connect_rate=rate)
+        is direct
+    )
 
 
 # -- a broker that fails while a stream opens ---------------------------------------------

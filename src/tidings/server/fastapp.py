@@ -3,7 +3,9 @@
 `FastPath` is what every `FastProtocol` of one server shares: the app's `State`,
 uvicorn's config and server state, and `stack`, the app's user middleware (CORS) and
 uvicorn's proxy-headers middleware around `FastPath.open_stream`, so a stream request
-sees the heads and client addresses it would see on the ASGI path. `open_stream` is
+sees the heads and client addresses it would see on the ASGI path. Streams go this way
+only when the middleware may change their answer (`faststream.goes_direct`); the others
+open straight from the head (`faststream.open_stream`). `open_stream` is
 `streams.open_sse` and `streams.greet`, exactly as `server/sse.py` calls them; `Capture`
 records its answer for the protocol to write.
 
@@ -28,13 +30,14 @@ from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
 from ..errors import TidingsError
-from .fasthttp import HeadCache, RequestHead, chunk
+from .fasthttp import HeadCache, RequestHead
 from .fastpublish import Answer, KnownKeys, answer, json_headers, may_start_eagerly
+from .faststream import greet_chunked
 from .fastwriter import ChunkedSSEConnection
-from .http import INTERNAL, error_response
+from .http import INTERNAL, Credentials, client_ip, error_response
 from .sse import HEADERS
 from .state import State
-from .streams import greet, open_sse
+from .streams import open_sse
 
 if TYPE_CHECKING:
     from .fastproto import FastProtocol
@@ -91,6 +94,8 @@ class FastPath:
         self.keys = KnownKeys(self.state.authenticator)
         self.keep_alive_s = 5.0  # uvicorn's timeout_keep_alive, from the config
         self.access_log = False  # uvicorn's access_log, from the config
+        self.middleware = bool(app.user_middleware)  # `faststream.goes_direct`'s inputs
+        self.proxy_headers = True  # uvicorn's proxy_headers, from the config
 
     def bind(
         self,
@@ -107,6 +112,8 @@ class FastPath:
         self.loop = loop or asyncio.get_event_loop()
         self.keep_alive_s = float(config.timeout_keep_alive)
         self.access_log = bool(config.access_log)
+        self.proxy_headers = bool(config.proxy_headers)
+        self.middleware = bool(self.app.user_middleware)  # as `stack` is built, below
         stack: Any = self.open_stream
         for cls, args, kwargs in reversed(self.app.user_middleware):
             stack = cls(stack, *args, **kwargs)
@@ -128,7 +135,7 @@ class FastPath:
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": head.version,
             "server": _local_addr(transport),
-            "client": _remote_addr(transport),
+            "client": remote_addr(transport),
             "scheme": "https" if is_ssl(transport) else "http",
             "root_path": self.config.root_path,
             "method": head.method,
@@ -185,7 +192,11 @@ class FastPath:
         proto: FastProtocol = scope["tidings.protocol"]
         st = self.state
         try:
-            opened = await open_sse(HTTPConnection(scope), ChunkedSSEConnection)
+            request = HTTPConnection(scope)
+            credentials = Credentials.of(request)
+            opened = await open_sse(
+                st, credentials, lambda: client_ip(request), ChunkedSSEConnection
+            )
         except TidingsError as exc:  # nothing registered (a broker that fails: 503)
             await error_response(exc)(scope, receive, send)
             return
@@ -198,16 +209,7 @@ class FastPath:
             st.hub.broker.detach(conn)  # the client left meanwhile
             return
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        greet(st, opened, chunk)
-        who = conn.principal
-        topics = opened.welcome["topics"]
-        log.debug(
-            "sse open %s user=%r tenant=%r topics=%s (fast path)",
-            conn.id,
-            who.user_id,
-            who.tenant,
-            topics,
-        )
+        greet_chunked(st, opened)
 
 
 _access_log = logging.getLogger("tidings.access")
@@ -216,13 +218,13 @@ _access_log = logging.getLogger("tidings.access")
 def log_access(transport: asyncio.Transport | None, head: RequestHead, status: int) -> None:
     """The line uvicorn's access log would write for a request the fast path answers
     (redacted by `logs`); its own logger name tells the two paths apart in a log."""
-    peer = _remote_addr(transport) if transport is not None else None
+    peer = remote_addr(transport) if transport is not None else None
     client = f"{peer[0]}:{peer[1]}" if peer else "-"
     path = head.path + ("?" + head.query.decode("latin-1") if head.query else "")
     _access_log.info('%s - "%s %s HTTP/%s" %d', client, head.method, path, head.version, status)
 
 
-def _remote_addr(transport: asyncio.Transport) -> tuple[str, int] | None:
+def remote_addr(transport: asyncio.Transport) -> tuple[str, int] | None:
     # The transport's own copies: asking for its "socket" (as uvicorn's helpers do) makes
     # uvloop create and keep a socket object and both addresses for every connection.
     info = transport.get_extra_info("peername")

@@ -180,7 +180,9 @@ class HeadCache:
 
     def _parse(self, raw: bytes, key: bytes, digits: bytes) -> RequestHead:
         head = parse_head(raw)
-        if len(raw) <= self.MAX_KEPT and not head.upgrade:  # upgrades are uvicorn's
+        # Upgrades are uvicorn's; a GET (a stream) comes once per connection, each with a
+        # token of its own: keeping those only costs.
+        if len(raw) <= self.MAX_KEPT and not head.upgrade and head.method != "GET":
             at = -1
             if digits:  # llhttp took it: the one Content-Length is those digits
                 at = head.headers.index((b"content-length", digits))

@@ -11,9 +11,12 @@ One idea per module:
 
 - `fasthttp`: sans-I/O HTTP/1.1 — which requests are ours, response heads, chunks;
 - `fastproto`: the socket — head reading, hand-off, back-pressure, closing;
-- `fastapp`: the stream request as an ASGI call through the app's middleware, with
-  the very checks and opening of `server/sse.py` (`streams.open_sse`), so failures are
-  the same JSON errors with the same status codes;
+- `faststream`: a stream opened straight from the request head, with the very checks
+  and opening of `server/sse.py` (`streams.open_sse`), so failures are the same JSON
+  errors with the same status codes — unless user middleware (CORS) or a proxy header
+  may change the answer (the rule is in its docstring);
+- `fastapp`: then the stream request as an ASGI call through the app's middleware and
+  uvicorn's proxy-headers middleware, to the same `open_sse`; the publish's middleware;
 - `fastwriter`: frames as HTTP chunks, the inline fan-out offer, coalesced writes.
 
 `TIDINGS_FASTPATH=0` (or `ENABLED = False` with the variable unset) makes `tidings

@@ -3,10 +3,12 @@
 It reads the request head; a stream request (`fasthttp.is_stream`) or a publish request
 (`fastpublish.takes`) is served here, anything else is handed, with the bytes read so
 far, to uvicorn's `HttpToolsProtocol`.
-A stream's checks and attach run as one task (`FastPath.stack`); then the response
-head, ``retry:``, the ``welcome`` and any ``reset`` leave in one write and fan-out
-writes straight to the socket (``conn.direct = transport.write``): no task, no timer
-and no read buffer per idle stream.
+A stream's checks and attach (`streams.open_sse`) run straight from the request head
+where `faststream.goes_direct` allows, else through the app's ASGI stack
+(`FastPath.stack`), as a task; then the response head, ``retry:``, the ``welcome`` and
+any ``reset`` leave in one write and fan-out writes straight to the socket
+(``conn.direct = transport.write``): no task, no timer and no read buffer per idle
+stream.
 
 Back-pressure: while the transport's write buffer is over its high-water mark
 (`pause_writing`) the connection has no `direct` writer, so frames go to its bounded
@@ -39,7 +41,7 @@ from uvicorn.server import ServerState
 from ..event import CloseReason
 from . import eager
 from .app import SSE_PATHS
-from .fastapp import Capture, FastPath, log_access
+from .fastapp import Capture, FastPath, log_access, remote_addr
 from .fasthttp import (
     HEAD_END,
     LAST_CHUNK,
@@ -50,8 +52,10 @@ from .fasthttp import (
     may_be_request,
     response_head,
 )
-from .fastpublish import REQUEST_LINE, answer, takes
+from .fastpublish import REQUEST_LINE, Answer, answer, takes
+from .faststream import goes_direct, greet_chunked, open_stream
 from .fastwriter import SHUTDOWN_TAIL, ChunkedSSEConnection
+from .sse import HEADERS
 
 log = logging.getLogger("tidings.fastpath")
 
@@ -232,7 +236,7 @@ class FastProtocol(asyncio.Protocol):
         elif is_stream(head, STREAM_PATHS):
             self._at = end
             self.phase = _SETUP
-            self._start(self._setup(head))
+            self._stream(head)
         elif (length := takes(head, fast.max_payload)) is not None:
             self._repeat = (buffer[at:end], head, length)
             return self._take_publish(head, end, length)
@@ -293,7 +297,50 @@ class FastProtocol(asyncio.Protocol):
         self.conn = conn
         return True
 
+    def _stream(self, head: RequestHead) -> None:
+        """Open the stream `head` asks for, as a task: straight from the head where
+        `goes_direct` allows, else through the ASGI stack. (Not `eager`: started at once,
+        a burst's setups cost more, ~8 µs each; docs/benchmarks.md, "Connects".)"""
+        fast = self.fast
+        if goes_direct(
+            head,
+            middleware=fast.middleware,
+            proxy_headers=fast.proxy_headers,
+            connect_rate=fast.state.connect_limit.rate,
+        ):
+            self._start(self._open(head))
+        else:
+            self._start(self._setup(head))
+
+    async def _open(self, head: RequestHead) -> None:
+        """The direct way: `open_sse` on the head, then the answer or the live stream."""
+        if self.phase != _SETUP:
+            return  # the client left before this began: nothing to check or count
+        fast = self.fast
+        opened = await open_stream(fast.state, head, self._client_ip)
+        if isinstance(opened, Answer):  # refused: nothing registered
+            if self.phase != _SETUP:
+                return  # the client left; connection_lost cleaned up
+            if fast.access_log:
+                log_access(self.transport, head, opened.status)
+            self._answer(opened.status, opened.headers or [], opened.body, head)
+            return
+        conn = opened.conn
+        if not self.adopt(conn):
+            fast.state.hub.broker.detach(conn)  # the client left meanwhile
+            return
+        greet_chunked(fast.state, opened)
+        if fast.access_log:
+            log_access(self.transport, head, 200)
+        self._go_live(HEADERS)
+
+    def _client_ip(self) -> str:
+        """The peer's address, as `http.client_ip` gives it when no proxy header counts."""
+        peer = remote_addr(self.transport) if self.transport is not None else None
+        return peer[0] if peer else "?"
+
     async def _setup(self, head: RequestHead) -> None:
+        """The ASGI way: the request through the app's middleware to `FastPath.open_stream`."""
         capture = Capture()
         try:
             assert self.transport is not None
@@ -311,16 +358,16 @@ class FastProtocol(asyncio.Protocol):
         if self.fast.access_log:
             log_access(self.transport, head, capture.status or 500)
         if capture.status == 200 and self.conn is not None:
-            self._go_live(capture)
+            self._go_live(capture.headers)
         else:
-            self._answer(capture, head)
+            self._answer(capture.status or 500, capture.headers, capture.body, head)
 
-    def _go_live(self, capture: Capture) -> None:
+    def _go_live(self, headers: list[tuple[bytes, bytes]]) -> None:
         conn, transport = self.conn, self.transport
         assert conn is not None and transport is not None
         self.phase = _LIVE
         defaults = self.fast.server_state.default_headers
-        head = response_head(200, capture.headers, defaults, chunked=True)
+        head = response_head(200, headers, defaults, chunked=True)
         self._buffer = b""
         transport.write(head + b"".join(conn.drain()))
         if conn.closed is not None:  # overflowed or disconnected during the setup
@@ -334,16 +381,16 @@ class FastProtocol(asyncio.Protocol):
         if self._stopping:
             conn.close(CloseReason.SHUTDOWN)
 
-    def _answer(self, capture: Capture, head: RequestHead) -> None:
+    def _answer(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, head: RequestHead
+    ) -> None:
         """An error before any 200: answer it; the connection stays open for more requests."""
         transport = self.transport
         assert transport is not None
-        if capture.status == 0:  # nothing was sent: should not happen
-            capture.status = 500
         close = not head.keep_alive or self._stopping
         defaults = self.fast.server_state.default_headers
-        out = response_head(capture.status, capture.headers, defaults, close=close)
-        transport.write(out + capture.body)
+        out = response_head(status, headers, defaults, close=close)
+        transport.write(out + body)
         if close:
             transport.close()
             return

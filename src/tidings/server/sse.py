@@ -19,7 +19,7 @@ from ..connection import SSEConnection
 from ..errors import TidingsError
 from ..event import CloseReason
 from ..types import Receive, Scope, Send
-from .http import error_response, state
+from .http import Credentials, client_ip, error_response, state
 from .streams import greet, open_sse
 
 log = logging.getLogger("tidings.sse")
@@ -39,7 +39,8 @@ class SSEEndpoint:
         request = HTTPConnection(scope)
         st = state(request)
         try:
-            opened = await open_sse(request, SSEConnection)
+            credentials = Credentials.of(request)
+            opened = await open_sse(st, credentials, lambda: client_ip(request), SSEConnection)
         except TidingsError as exc:  # nothing registered (a broker that fails: 503)
             await error_response(exc)(scope, receive, send)
             return

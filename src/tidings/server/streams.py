@@ -1,10 +1,13 @@
 """What the streams share before they open: the checks, and for SSE the whole opening.
 
 `open_sse` is the one way an SSE stream opens, on the ASGI path (`server/sse.py`) and
-on the fast path (`server/fastpath.py`) alike, so the two cannot answer differently:
-connect rate, credential, subscriber, topics, capacity, the unread count, then the
-attach with the client's cursor. `greet` queues what every stream starts with.
-WebSocket uses the checks below on its own opening (auth may come as a message).
+on the fast path (`server/fastpath.py`, through the ASGI stack or straight from the
+request head) alike, so the two cannot answer differently: connect rate, credential,
+subscriber, topics, capacity, the unread count, then the attach with the client's
+cursor. Its inputs are what every path has: the `State`, the request's `Credentials`
+and its client address (asked for only when a connect rate is set). `greet` queues
+what every stream starts with. WebSocket uses the checks below on its own opening
+(auth may come as a message).
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from starlette.requests import HTTPConnection
-
 from .. import wire
 from ..auth import Principal
 from ..broker import Resumption
@@ -24,7 +25,7 @@ from ..errors import Forbidden, InvalidRequest, OverCapacity, RateLimited
 from ..hub import TOPIC_RULE
 from ..topics import valid_topic
 from ..wire import split_list
-from .http import Credentials, authenticate, client_ip, state
+from .http import Credentials, authenticate
 from .state import State
 
 C = TypeVar("C", bound=Connection)
@@ -39,19 +40,20 @@ class Opened(Generic[C]):
     welcome: dict[str, Any]
 
 
-async def open_sse(request: HTTPConnection, connection: type[C]) -> Opened[C]:
-    """Check an SSE stream request and attach a new `connection` for it.
+async def open_sse(
+    st: State, credentials: Credentials, client_ip: Callable[[], str], connection: type[C]
+) -> Opened[C]:
+    """Check an SSE stream request and attach a new `connection` for it; `client_ip()`
+    is the address the connect rate counts (as `http.client_ip` gives it).
 
     Raises `TidingsError` before anything is registered (connect rate 429, credential
     401, API key or topic 403, topic names and counts 400, capacity 503, a broker that
     does not answer 503): the caller answers it as JSON. Any other exception is a bug.
     """
-    st = state(request)
     if st.connect_limit.rate > 0:
-        wait = st.connect_limit.retry_after(client_ip(request))
+        wait = st.connect_limit.retry_after(client_ip())
         if wait is not None:
             raise RateLimited("too many connection attempts from this address", retry_after=wait)
-    credentials = Credentials.of(request)
     who = await authenticate(st, credentials)
     subscriber(who)
     topics = requested_topics(st, who, credentials.query)
