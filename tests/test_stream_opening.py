@@ -32,8 +32,15 @@ import pytest
 
 from server import TidingsServer, free_port
 from sse_client import WAIT, sse_stream
+from tidings.auth import Principal, mint_token
+from tidings.config import Settings
+from tidings.connection import SSEConnection
+from tidings.inbox.schema import new_notification
+from tidings.server.app import create_app
 from tidings.server.fasthttp import parse_head
 from tidings.server.faststream import goes_direct
+from tidings.server.http import Credentials
+from tidings.server.streams import greet, open_sse
 
 ENV = {
     "TIDINGS_PUBLIC_TOPICS": "lobby,news:*",
@@ -477,3 +484,45 @@ async def test_a_broker_failure_while_opening_is_503_on_both_paths_and_leaves_no
     # The message may quote the client library's error; everything else is the same.
     asgi, fast = answers["asgi"], answers["fast"]
     assert (asgi.status, asgi.headers.keys()) == (fast.status, fast.headers.keys())
+
+
+# -- the welcome's unread count -------------------------------------------------------------
+
+
+async def test_a_read_committed_right_after_the_welcome_count_still_reaches_the_stream(
+    tmp_path: Path,
+) -> None:
+    """The count is read once the connection is attached (`streams.open_sse`): a mark
+    read committed just after that read is pushed to the new connection, after its
+    welcome, so the client's badge ends right. Read before the attach (as it was), the
+    push went to nobody and the welcome's count stayed one too high."""
+    secret = secrets.token_urlsafe(48)
+    app = create_app(
+        Settings(jwt_secret=secret, database_url=f"sqlite+aiosqlite:///{tmp_path}/w.db")
+    )
+    st = app.state.tidings
+    who = Principal(user_id="小明", tenant="t")
+    async with st.hub:
+        inbox = st.hub.inbox
+        [record] = await inbox.notify(
+            new_notification(["小明"], type="wage", title="工资已发放", tenant="t")
+        )
+        counted = st.unread_count
+
+        async def count_then_read(principal: Principal) -> int:
+            count = await counted(principal)
+            await inbox.mark_read(who, [record["id"]])  # committed right after the read
+            return count
+
+        st.unread_count = count_then_read
+        token = mint_token(secret, "小明", tenant="t")
+        credentials = Credentials({"authorization": f"Bearer {token}"}, {}, {})
+        opened = await open_sse(st, credentials, lambda: "127.0.0.1", SSEConnection)
+        greet(st, opened)
+        frames = b"".join(opened.conn.drain()).decode().split("\n\n")
+        st.hub.broker.detach(opened.conn)
+    names = [line[7:] for f in frames for line in f.split("\n") if line.startswith("event: ")]
+    assert names == ["welcome", "notification.read"]
+    [read] = [f for f in frames if "event: notification.read" in f]
+    data = orjson.loads(read.split("data: ", 1)[1])
+    assert (opened.welcome["unread_count"], data["unread_count"]) == (1, 0)

@@ -33,6 +33,7 @@ from tidings.backends.memory import MemoryBackend
 from tidings.config import Settings
 from tidings.event import NOTIFICATION, SYNC, user_stream
 from tidings.hub import Hub
+from tidings.inbox.schema import new_notification
 from tidings.server.app import create_app
 from tidings.server.websocket import (
     DIRECT_PROTOCOL,
@@ -959,3 +960,27 @@ def test_the_inlined_offer_writes_exactly_what_the_base_class_would() -> None:
     assert written["fast"] == written["ref"] and len(written["ref"]) == 4
     frames = [orjson.loads(f) for f in written["fast"]]
     assert [f["data"]["n"] for f in frames] == [0, 1, 2, 4]
+
+
+async def test_a_read_committed_right_after_the_welcome_count_still_reaches_the_socket(
+    srv: Server,
+) -> None:
+    """As for SSE (tests/test_stream_opening.py): the welcome's count is read once the
+    connection is attached, so a read committed right after it arrives as a push."""
+    st = srv.app.state.tidings
+    inbox = srv.hub.inbox
+    assert inbox is not None
+    who = Principal(user_id="阿明", tenant="")
+    [record] = await inbox.notify(new_notification(["阿明"], type="wage", title="工资已发放"))
+    counted = st.unread_count
+
+    async def count_then_read(principal: Principal) -> int:
+        count = await counted(principal)
+        await inbox.mark_read(who, [record["id"]])  # committed right after the read
+        return count
+
+    st.unread_count = count_then_read
+    async with srv.connect(query={"token": srv.token("阿明")}) as ws:
+        welcome = await expect(ws, "welcome")
+        read = await expect(ws, "notification.read")
+    assert (welcome["unread_count"], read["unread_count"], read["ids"]) == (1, 0, [record["id"]])

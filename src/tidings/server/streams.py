@@ -3,8 +3,8 @@
 `open_sse` is the one way an SSE stream opens, on the ASGI path (`server/sse.py`) and
 on the fast path (`server/fastpath.py`, through the ASGI stack or straight from the
 request head) alike, so the two cannot answer differently: connect rate, credential,
-subscriber, topics, capacity, the unread count, then the attach with the client's
-cursor. Its inputs are what every path has: the `State`, the request's `Credentials`
+subscriber, topics, capacity, the attach with the client's cursor, then the unread
+count for the welcome. Its inputs are what every path has: the `State`, the request's `Credentials`
 and its client address (asked for only when a connect rate is set). `greet` queues
 what every stream starts with. WebSocket uses the checks below on its own opening
 (auth may come as a message).
@@ -61,13 +61,21 @@ async def open_sse(
     hub = st.hub
     if not hub.running:
         await hub.start()
-    unread = await st.unread_count(who)
     # Interned stream names: every connection's dicts share one key object per stream,
     # so fan-out's lookups compare pointers and touch no per-connection string.
     streams = [sys.intern(s) for s in hub.streams_for(who, topics)]
     conn = connection(who, streams, limit=st.settings.client_buffer_size)
     cursor = wire.last_event_id(credentials.headers, credentials.query)
     resumption = await hub.broker.attach(conn, cursor)  # on failure it leaves no trace
+    try:
+        # Read once attached: an inbox change committed before the read is in the count,
+        # one committed after reaches `conn` as a push carrying the new count (held until
+        # the welcome is out). Read before the attach, a change committed in between
+        # would be in neither, and the client's badge would stay wrong.
+        unread = await st.unread_count(who)
+    except BaseException:
+        hub.broker.detach(conn)
+        raise
     welcome = {
         "connection_id": conn.id,
         "user_id": who.user_id,

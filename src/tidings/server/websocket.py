@@ -234,7 +234,6 @@ class _Session:
             check_capacity(st, who)
             if not st.hub.running:
                 await st.hub.start()
-            unread = await st.unread_count(who)
         except TidingsError as exc:
             await self.close_for(exc)
             return
@@ -252,6 +251,7 @@ class _Session:
             resumption = await broker.attach(
                 conn, wire.last_event_id(request.headers, request.query_params)
             )
+            unread = await st.unread_count(who)  # once attached, as `streams.open_sse` reads it
             welcome = wsproto.message(
                 "welcome",
                 connection_id=conn.id,
