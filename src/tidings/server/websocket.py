@@ -3,8 +3,8 @@
 A WebSocket connection is just another connection of its user: the same
 streams, cursors, history and slow-consumer rule as SSE. Per socket, one
 task pumps the connection's buffer to the socket (one text frame per
-message) and one reads client messages and handles them in order; fan-out
-never waits on a socket (see `Connection.offer`).
+message) and one reads client messages and handles them in order
+(`wsconversation.py`); fan-out never waits on a socket (see `Connection.offer`).
 
 Order of events on a new socket: the Origin check and the connect rate limit
 refuse the handshake itself (HTTP 403/429); then the socket is accepted and
@@ -36,17 +36,17 @@ from ..auth import Principal, extract_credential
 from ..connection import WSConnection
 from ..errors import (
     Forbidden,
-    InvalidRequest,
     RateLimited,
     TidingsError,
     Unauthorized,
 )
-from ..event import CloseReason, Event, topic_stream
+from ..event import CloseReason, Event
 from ..hub import Hub
 from ..types import Receive, Scope, Send
 from .http import client_ip, principal, state
 from .state import State
-from .streams import check_capacity, check_topic, subscriber
+from .streams import check_capacity, subscriber
+from .wsconversation import Conversation, reset_frame
 from .wsdirect import DIRECT_PROTOCOL, DirectWriter, direct_writer, pong_deadline, uvicorn_options
 
 log = logging.getLogger("tidings.ws")
@@ -203,6 +203,7 @@ class _Session:
         self.receive = receive
         self.send = send
         self.auth_timeout = timeout
+        self.conversation = Conversation(st, receive)
         self.conn: WSSocket | None = None
         self.finished = asyncio.Event()
 
@@ -237,7 +238,9 @@ class _Session:
         except TidingsError as exc:
             await self.close_for(exc)
             return
-        topics, refused = self.authorize(who, wire.split_list(request.query_params.get("topics")))
+        topics, refused = self.conversation.authorize(
+            who, wire.split_list(request.query_params.get("topics"))
+        )
         conn = WSSocket(
             who, st.hub.streams_for(who, topics), limit=self.settings.client_buffer_size
         )
@@ -266,12 +269,12 @@ class _Session:
             for frame in refused:
                 conn.push(frame, force=True)
             if resumption.reset is not None:
-                conn.push(_reset(conn, resumption.reset), force=True)
+                conn.push(reset_frame(conn, resumption.reset), force=True)
             broker.release(conn, resumption)
             log.debug(
                 "ws open %s user=%r tenant=%r topics=%s", conn.id, who.user_id, who.tenant, topics
             )
-            reader = asyncio.ensure_future(self.read(conn))
+            reader = asyncio.ensure_future(self.conversation.read(conn))
             writer = direct_writer(request.scope)
             if writer is not None:
                 closed = asyncio.Event()
@@ -354,129 +357,8 @@ class _Session:
     def _count_failure(self, reason: str) -> None:
         self.st.metrics.auth_failures.labels(reason).inc()
 
-    def authorize(
-        self, who: Principal, topics: list[str] | tuple[str, ...], current: int = 0
-    ) -> tuple[list[str], list[bytes]]:
-        """The topics `who` may add (`current` are already read) and an `error` per refusal."""
-        if not topics:
-            return [], []
-        if not self.settings.enable_topics:
-            text = "topics are disabled on this server (TIDINGS_ENABLE_TOPICS)"
-            return [], [wsproto.error("invalid_request", text, topics=list(topics))]
-        allowed: list[str] = []
-        errors: list[bytes] = []
-        for topic in dict.fromkeys(topics):
-            try:
-                check_topic(self.st, who, topic)
-            except TidingsError as exc:
-                errors.append(wsproto.error(exc.code, exc.message, topic=topic))
-            else:
-                allowed.append(topic)
-        limit = self.settings.max_topics_per_connection
-        room = max(0, limit - current)
-        if len(allowed) > room:
-            text = f"at most {limit} topics per connection (TIDINGS_MAX_TOPICS_PER_CONNECTION)"
-            errors.append(wsproto.error("invalid_request", text, topics=allowed[room:]))
-            allowed = allowed[:room]
-        return allowed, errors
-
-    # -- reading ------------------------------------------------------------------------
-
-    async def read(self, conn: WSSocket) -> None:
-        try:
-            while conn.closed is None:
-                message = await self.receive()
-                if message["type"] == "websocket.disconnect":
-                    conn.close(CloseReason.CLIENT)
-                    return
-                if message["type"] != "websocket.receive":
-                    continue
-                raw = message.get("text")
-                if raw is None:
-                    raw = message.get("bytes") or b""
-                await self.handle(conn, raw)
-        finally:
-            if conn.closed is None:
-                conn.close(CloseReason.CLIENT)
-
-    async def handle(self, conn: WSSocket, raw: str | bytes) -> None:
-        """One client message; every failure is answered, none ends the connection."""
-        request: str | None = None
-        try:
-            msg = wsproto.parse(raw, max_size=self.settings.max_payload)
-            request = _TYPES[type(msg)]
-            answer = await self.dispatch(conn, msg)
-        except wsproto.ProtocolError as exc:
-            answer = [wsproto.error(exc.code, exc.message, request=exc.request)]
-        except TidingsError as exc:
-            answer = [wsproto.error(exc.code, exc.message, request=request)]
-        except Exception:
-            log.exception("ws %s: %s failed", conn.id, request)
-            answer = [wsproto.error("internal", "internal error; it has been logged")]
-        for frame in answer:
-            conn.push(frame)  # bounded: a client that sends but does not read is slow
-
-    async def dispatch(self, conn: WSSocket, msg: wsproto.ClientMessage) -> list[bytes]:
-        if isinstance(msg, wsproto.Ping):
-            return [wsproto.message("pong")]
-        if isinstance(msg, wsproto.Subscribe):
-            return await self.subscribe(conn, msg)
-        if isinstance(msg, wsproto.Unsubscribe):
-            streams = [topic_stream(t) for t in msg.topics]
-            self.st.hub.broker.remove_streams(conn, streams)
-            return [wsproto.message("unsubscribed", topics=list(msg.topics), id=conn.cursor())]
-        if isinstance(msg, wsproto.Resume):
-            broker = self.st.hub.broker
-            resumption = await broker.resume(conn, msg.last_event_id)
-            if resumption.reset is not None:
-                conn.push(_reset(conn, resumption.reset), force=True)
-            broker.release(conn, resumption)
-            return []
-        if isinstance(msg, wsproto.MarkRead):
-            return await self.mark_read(conn, msg)
-        raise InvalidRequest("already authenticated: auth is only the first message")
-
-    async def subscribe(self, conn: WSSocket, msg: wsproto.Subscribe) -> list[bytes]:
-        current = sum(1 for s in conn.streams if s.startswith("t:"))
-        fresh = [t for t in msg.topics if not conn.reads(topic_stream(t))]
-        allowed, errors = self.authorize(conn.principal, fresh, current)
-        for frame in errors:
-            conn.push(frame)
-        topics = [t for t in msg.topics if t in allowed or conn.reads(topic_stream(t))]
-        if not topics:
-            return []
-        broker = self.st.hub.broker
-        streams = [topic_stream(t) for t in allowed]
-        resumption = await broker.add_streams(conn, streams, msg.last_event_id)
-        conn.push(wsproto.message("subscribed", topics=topics, id=conn.cursor()), force=True)
-        if resumption.reset is not None:
-            conn.push(_reset(conn, resumption.reset), force=True)
-        broker.release(conn, resumption)
-        return []
-
-    async def mark_read(self, conn: WSSocket, msg: wsproto.MarkRead) -> list[bytes]:
-        inbox = self.st.hub.inbox
-        if inbox is None:
-            return [wsproto.error("unavailable", "this server keeps no inbox", request="mark_read")]
-        # The inbox pushes `notification.read` to every connection of the user, this one
-        # included, as the acknowledgement (with no `ids` when nothing changed).
-        if msg.all:
-            await inbox.mark_all_read(conn.principal)
-        else:
-            await inbox.mark_read(conn.principal, msg.ids)
-        return []
-
 
 _open: weakref.WeakSet[_Session] = weakref.WeakSet()
-
-_TYPES: dict[type, str] = {
-    wsproto.Ping: "ping",
-    wsproto.Subscribe: "subscribe",
-    wsproto.Unsubscribe: "unsubscribe",
-    wsproto.MarkRead: "mark_read",
-    wsproto.Resume: "resume",
-    wsproto.Auth: "auth",
-}
 
 
 def _unstick(conn: WSSocket, pump: asyncio.Future[None]) -> Callable[[CloseReason], None]:
@@ -487,10 +369,6 @@ def _unstick(conn: WSSocket, pump: asyncio.Future[None]) -> Callable[[CloseReaso
             pump.cancel()
 
     return cancel
-
-
-def _reset(conn: WSSocket, reason: str) -> bytes:
-    return wsproto.message("reset", reason=reason, id=conn.cursor())
 
 
 async def _pump(conn: WSSocket, send: Send) -> None:
