@@ -88,10 +88,10 @@ async def answer(st: State, head: RequestHead, body: bytes, keys: KnownKeys) -> 
     try:
         event_id = await publish_one(st, keys.principal(head) or credentials(head), body)
     except TidingsError as exc:
-        return _error(exc)
+        return refusal(exc)
     except Exception as exc:  # as the app's handler of unexpected errors answers them
         log.error("unhandled error on %s %s", head.method, head.path, exc_info=exc)
-        return _error(TidingsError(INTERNAL), fatal=True)
+        return refusal(TidingsError(INTERNAL), fatal=True)
     return Answer(202, orjson.dumps({"id": event_id}))
 
 
@@ -152,6 +152,7 @@ def credentials(head: RequestHead) -> Credentials:
 _NO_QUERY = QueryParams("")
 
 
-def _error(exc: TidingsError, *, fatal: bool = False) -> Answer:
+def refusal(exc: TidingsError, *, fatal: bool = False) -> Answer:
+    """`exc` as the ASGI route answers it: `http.error_response`'s status, headers, body."""
     response = error_response(exc)
     return Answer(response.status_code, bytes(response.body), response.raw_headers, fatal)

@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 from ..errors import TidingsError
 from .fasthttp import RequestHead, chunk
-from .fastpublish import Answer, credentials
+from .fastpublish import Answer, credentials, refusal
 from .fastwriter import ChunkedSSEConnection
-from .http import INTERNAL, error_response
+from .http import INTERNAL
 from .state import State
 from .streams import Opened, greet, open_sse
 
@@ -60,12 +60,6 @@ async def open_stream(
     except Exception as exc:  # as `FastPath.open_stream` answers a bug
         log.error("unhandled error opening a stream", exc_info=exc)
         return refusal(TidingsError(INTERNAL))
-
-
-def refusal(exc: TidingsError) -> Answer:
-    """`exc` as the ASGI route answers it: `http.error_response`'s status, headers, body."""
-    response = error_response(exc)
-    return Answer(response.status_code, bytes(response.body), response.raw_headers)
 
 
 def greet_chunked(st: State, opened: Opened[ChunkedSSEConnection]) -> None:

@@ -4,10 +4,10 @@
 on the fast path (`server/fastpath.py`, through the ASGI stack or straight from the
 request head) alike, so the two cannot answer differently: connect rate, credential,
 subscriber, topics, capacity, the attach with the client's cursor, then the unread
-count for the welcome. Its inputs are what every path has: the `State`, the request's `Credentials`
-and its client address (asked for only when a connect rate is set). `greet` queues
-what every stream starts with. WebSocket uses the checks below on its own opening
-(auth may come as a message).
+count for the welcome. Its inputs are what every path has: the `State`, the request's
+`Credentials` and its client address (asked for only when a connect rate is set).
+`greet` queues what every stream starts with. WebSocket uses the checks below on its
+own opening (auth may come as a message).
 """
 
 from __future__ import annotations
