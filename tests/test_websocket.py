@@ -908,58 +908,79 @@ async def test_serve_shutdown_closes_1001_and_restart_resets(start_server: Start
 
 
 def test_the_inlined_offer_writes_exactly_what_the_base_class_would() -> None:
-    """WSSocket.offer takes a shortcut for single-stream events on a direct writer; frames,
-    positions and cursors must equal the general path's, including duplicates, foreign
-    streams, multi-stream events, a paused socket and a closed connection."""
+    """WSSocket.offer takes a shortcut for single-stream events on a socket's own write
+    (`raw`, whole frames); frames, positions and cursors must equal the general path's
+    (`direct`, payloads), including duplicates, foreign streams, multi-stream events, a
+    paused socket, a closed connection, both frame header sizes, and recipients of one
+    event whose cursors differ in length."""
     from tidings.connection import WSConnection
     from tidings.event import CloseReason, Event
 
-    streams = ["u:amy", "b", "t:news", "t:sport"]
+    def unframe(frame: bytes) -> bytes:
+        """The payload of an unmasked, final text frame; its length checked."""
+        assert frame[0] == 0x81
+        size, at = frame[1], 2
+        if size == 126:
+            size, at = int.from_bytes(frame[2:4], "big"), 4
+        assert len(frame) - at == size
+        return frame[at:]
 
     class Reference(WSSocket):
         __slots__ = ()
         offer = WSConnection.offer  # the general path: deliver -> frame -> push
 
-    written: dict[str, list[bytes]] = {"fast": [], "ref": []}
+    many = ["u:amy", "b", "t:news", "t:sport"]
+    few = ["u:amy", "t:news"]  # a shorter cursor: the same event's frames differ in size
     conns = {
-        "fast": WSSocket(Principal("amy"), streams, limit=3, epoch="ep1"),
-        "ref": Reference(Principal("amy"), streams, limit=3, epoch="ep1"),
+        "fast": WSSocket(Principal("amy"), many, limit=3, epoch="ep1"),
+        "ref": Reference(Principal("amy"), many, limit=3, epoch="ep1"),
+        "fast2": WSSocket(Principal("amy"), few, limit=3, epoch="ep1"),
+        "ref2": Reference(Principal("amy"), few, limit=3, epoch="ep1"),
     }
+    written: dict[str, list[bytes]] = {name: [] for name in conns}
+
+    def attach(name: str, conn: WSSocket) -> None:
+        conn.direct = written[name].append
+        conn.raw = lambda frame: written[name].append(unframe(frame))
+
     for name, conn in conns.items():
-        for stream in streams:
+        for stream in conn.streams:
             conn.set_position(stream, 2)
         conn.pending = None
-        conn.direct = written[name].append
-    seqs = {s: 2 for s in [*streams, "t:other"]}
+        attach(name, conn)
+    seqs = {s: 2 for s in [*many, "t:other"]}
 
     def event(n: int, *on: str, again: bool = False) -> Event:
         if not again:
             for s in on:
                 seqs[s] += 1
-        return Event(f"e{n}", "", "tick", {"n": n, "文": "字"}, tuple((s, seqs[s]) for s in on))
+        data = {"n": n, "文": "字" * (n * 20)}  # from n = 2 on, over 125 bytes
+        return Event(f"e{n}", "", "tick", data, tuple((s, seqs[s]) for s in on))
 
     script = [event(0, "t:news"), event(1, "t:news"), event(1, "t:news", again=True)]
     script += [event(2, "u:amy"), event(3, "t:other"), event(4, "t:news", "b")]
     script += [event(5, "t:sport"), event(6, "b", "u:amy"), Event("old", "", "x", 1, (("b", 1),))]
     script += [event(7, "t:news"), event(8, "t:news"), event(9, "t:news"), event(10, "b")]
     for n, ev in enumerate(script):
-        if n == 6:  # paused: both buffer from here on, and overflow alike
+        if n == 6:  # paused: all buffer from here on, and overflow alike
             for conn in conns.values():
-                conn.direct = None
+                conn.direct = conn.raw = None
         results = {name: conn.offer(ev) for name, conn in conns.items()}
-        assert results["fast"] == results["ref"], ev
-    fast, ref = conns["fast"], conns["ref"]
-    assert written["fast"] == written["ref"] and len(written["ref"]) == 4  # not vacuous
-    assert fast.buffer == ref.buffer
-    assert fast.closed is ref.closed is CloseReason.SLOW
-    assert (fast.positions, fast.cursor()) == (ref.positions, ref.cursor())
-    for conn in conns.values():  # closed, though a writer is still attached: nothing more
-        conn.direct = written["fast" if conn is fast else "ref"].append
+        assert results["fast"] == results["ref"] and results["fast2"] == results["ref2"], ev
+    for fast, ref in (("fast", "ref"), ("fast2", "ref2")):
+        assert written[fast] == written[ref] and len(written[ref]) == 4  # not vacuous
+        a, b = conns[fast], conns[ref]
+        assert a.buffer == b.buffer
+        assert (a.positions, a.cursor()) == (b.positions, b.cursor())
+    assert conns["fast"].closed is conns["ref"].closed is CloseReason.SLOW
+    for name, conn in conns.items():  # closed, though a writer is still attached: nothing more
+        attach(name, conn)
     last = event(11, "t:news")
-    assert fast.offer(last) == ref.offer(last)
+    assert conns["fast"].offer(last) == conns["ref"].offer(last)
     assert written["fast"] == written["ref"] and len(written["ref"]) == 4
     frames = [orjson.loads(f) for f in written["fast"]]
     assert [f["data"]["n"] for f in frames] == [0, 1, 2, 4]
+    assert [orjson.loads(f)["data"]["n"] for f in written["fast2"]] == [0, 1, 2, 4]
 
 
 async def test_a_read_committed_right_after_the_welcome_count_still_reaches_the_socket(
@@ -984,3 +1005,69 @@ async def test_a_read_committed_right_after_the_welcome_count_still_reaches_the_
         welcome = await expect(ws, "welcome")
         read = await expect(ws, "notification.read")
     assert (welcome["unread_count"], read["unread_count"], read["ids"]) == (1, 0, [record["id"]])
+
+
+class _Transport(asyncio.Transport):
+    """A socket that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        self.out.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name in ("peername", "sockname") else default
+
+
+@pytest.mark.parametrize("how", ["close frame", "shutdown", "client's close", "lost"])
+async def test_no_fan_out_frame_follows_a_close(how: str) -> None:
+    """Fan-out writes with the transport's own `write` (`WSSocket.raw`); every way
+    uvicorn's protocol closes takes it away first, so no event frame follows a close
+    frame, and a socket that drains again after it does not get it back."""
+    from uvicorn.server import ServerState
+    from websockets.frames import Frame
+
+    from tidings.event import Event
+    from tidings.server.wsdirect import DirectWriter
+
+    assert DIRECT_PROTOCOL is not None
+    config = uvicorn.Config(app=WebSocketEndpoint(), ws=DIRECT_PROTOCOL)
+    config.load()
+    protocol: Any = DIRECT_PROTOCOL(config=config, server_state=ServerState(), app_state={})
+    transport = _Transport()
+    protocol.connection_made(transport)
+    writer = protocol.writer = DirectWriter(protocol)
+    conn = WSSocket(Principal("amy"), ["u:amy"], limit=10, epoch="ep1")
+    conn.set_position("u:amy", 1)
+    conn.pending = None
+    writer.attach(conn)
+    assert conn.raw == transport.write and conn.direct is not None
+    assert conn.offer(Event("e2", "", "tick", {"文": "字"}, (("u:amy", 2),)))
+    assert orjson.loads(transport.out[-1][2:])["data"] == {"文": "字"}
+
+    if how == "close frame":  # the app's close, a pong timeout, a protocol error
+        protocol.close_sent = True
+    elif how == "shutdown":
+        protocol.shutdown()
+    elif how == "client's close":
+        close = Close(1000, "")
+        protocol.conn.close_rcvd = close  # as the protocol's parser records it
+        frame = Frame(Opcode.CLOSE, close.serialize())
+        protocol.handle_close(frame)
+    else:
+        protocol.connection_lost(None)
+    assert conn.raw is None
+    writes = len(transport.out)
+    protocol.resume_writing()  # drained after the close: the socket's write stays away
+    assert conn.raw is None
+    conn.offer(Event("e3", "", "tick", 3, (("u:amy", 3),)))
+    assert all(not out.startswith(b"\x81") for out in transport.out[writes:])

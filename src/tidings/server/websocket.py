@@ -33,21 +33,27 @@ from starlette.requests import HTTPConnection
 
 from .. import wire, wsproto
 from ..auth import Principal, extract_credential
-from ..connection import WSConnection
 from ..errors import (
     Forbidden,
     RateLimited,
     TidingsError,
     Unauthorized,
 )
-from ..event import CloseReason, Event
+from ..event import CloseReason
 from ..hub import Hub
 from ..types import Receive, Scope, Send
 from .http import client_ip, principal, state
 from .state import State
 from .streams import check_capacity, subscriber
 from .wsconversation import Conversation, reset_frame
-from .wsdirect import DIRECT_PROTOCOL, DirectWriter, direct_writer, pong_deadline, uvicorn_options
+from .wsdirect import (
+    DIRECT_PROTOCOL,
+    DirectWriter,
+    WSSocket,
+    direct_writer,
+    pong_deadline,
+    uvicorn_options,
+)
 
 log = logging.getLogger("tidings.ws")
 
@@ -110,39 +116,6 @@ async def said_goodbye(hub: Hub, within: float = 1.0) -> None:
         _, late = await asyncio.wait(waits, timeout=within)
         for wait in late:
             wait.cancel()
-
-
-class WSSocket(WSConnection):
-    """A WebSocket connection; keep-alive is protocol pings, so no JSON heartbeats.
-
-    `offer` does the hot case of fan-out inline: a connection writing straight to its
-    socket (`DirectWriter`), an event on one stream; the frame leaves at once.
-    """
-
-    __slots__ = ()
-
-    def heartbeat(self) -> None:
-        return
-
-    def offer(self, event: Event) -> bool:
-        # Same result as Connection.offer -> deliver -> frame -> push, for one case.
-        direct = self.direct
-        streams = event.streams
-        if (
-            direct is None
-            or self.pending is not None
-            or len(streams) != 1
-            or self.buffer
-            or self.closed is not None
-        ):
-            return super().offer(event)
-        stream, seq = streams[0]
-        cursor = self.advance(stream, seq)
-        if cursor is None:
-            return False
-        head, tail = event.ws_parts(stream)
-        direct(head + cursor.encode() + tail)
-        return True
 
 
 class WebSocketEndpoint:

@@ -2,8 +2,10 @@
 
 uvicorn's sans-I/O WebSocket protocol does the handshake, pings, reading and
 closing; `DIRECT_PROTOCOL` subclasses it to offer the endpoint a `DirectWriter`,
-so that a fan-out costs one transport write per recipient and no ASGI send.
-`uvicorn_options` is everything the endpoint needs from uvicorn.
+so that a fan-out costs one transport write per recipient and no ASGI send:
+`WSSocket.offer` writes the whole frame, header and all, with the transport's own
+``write`` (`WSSocket.raw`), which the writer takes away before anything closes the
+socket. `uvicorn_options` is everything the endpoint needs from uvicorn.
 """
 
 from __future__ import annotations
@@ -11,14 +13,23 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
+from ..auth import Principal
 from ..config import Settings
 from ..connection import WSConnection
-from ..event import CloseReason
+from ..event import CloseReason, Event
 from ..types import Scope
 
-__all__ = ["DIRECT_PROTOCOL", "DirectWriter", "direct_writer", "pong_deadline", "uvicorn_options"]
+__all__ = [
+    "DIRECT_PROTOCOL",
+    "DirectWriter",
+    "WSSocket",
+    "direct_writer",
+    "pong_deadline",
+    "uvicorn_options",
+]
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -67,14 +78,61 @@ _HEAD16 = struct.Struct("!BBH").pack
 _HEAD64 = struct.Struct("!BBQ").pack
 
 
+class WSSocket(WSConnection):
+    """A WebSocket connection; keep-alive is protocol pings, so no JSON heartbeats.
+
+    `raw` is the socket's own ``write`` while a `DirectWriter` lets frames go straight
+    to it (None otherwise). `offer` does the hot case of fan-out inline with it: an
+    event on one stream, the whole frame (header, JSON around this connection's `id`)
+    in one write, no Python call in between.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(
+        self, principal: Principal, streams: list[str], *, limit: int, epoch: str = ""
+    ) -> None:
+        super().__init__(principal, streams, limit=limit, epoch=epoch)
+        self.raw: Callable[[bytes], object] | None = None
+
+    def heartbeat(self) -> None:
+        return
+
+    def offer(self, event: Event) -> bool:
+        # Same result as Connection.offer -> deliver -> frame -> push -> DirectWriter.write,
+        # for one case. While `raw` is set the buffer is empty (`DirectWriter.resumed`).
+        raw = self.raw
+        streams = event.streams
+        if raw is None or self.pending is not None or len(streams) != 1 or self.closed is not None:
+            return super().offer(event)
+        stream, seq = streams[0]
+        cursor = self.advance(stream, seq)
+        if cursor is None:
+            return False
+        size = len(cursor)
+        last = _last_frame
+        if last[0] is not event or last[1] is not stream or last[2] != size:
+            head, tail = event.ws_parts(stream)  # recipients of one event share their parts
+            last[0], last[1], last[2], last[4] = event, stream, size, tail
+            last[3] = _text_header(len(head) + size + len(tail)) + head
+        raw(last[3] + cursor.encode() + last[4])
+        return True
+
+
+# The frame parts of the event in fan-out: (event, stream, cursor length) -> the frame's
+# header and JSON up to the cursor, and the JSON after it.
+_last_frame: list[Any] = [None, None, -1, b"", b""]
+
+
 class DirectWriter:
     """Writes a connection's frames straight to its socket while the socket takes them.
 
-    The fan-out hot path: `Connection.push` calls `write` (as `conn.direct`) — no task,
-    no wake-up, no ASGI send per recipient, as the SSE fast path does. While the
-    transport's buffer is over its high-water mark the connection has no `direct`, so
-    frames wait in its bounded buffer (an overflow closes it as SLOW); when the socket
-    drains, the buffer is written in order and `direct` comes back. Offered by
+    `Connection.push` calls `write` (as `conn.direct`) and fan-out `transport.write`
+    itself (as `conn.raw`) — no task, no wake-up, no ASGI send per recipient, as the
+    SSE fast path does. While the transport's buffer is over its high-water mark the
+    connection has neither, so frames wait in its bounded buffer (an overflow closes it
+    as SLOW); when the socket drains, the buffer is written in order and they come back.
+    Once a close frame is out (`closing`), `raw` never comes back. Offered by
     `DIRECT_PROTOCOL` as the ASGI extension ``tidings.direct`` when no extension
     (permessage-deflate) was negotiated, since frames bypass the protocol's encoder.
     """
@@ -83,9 +141,9 @@ class DirectWriter:
 
     def __init__(self, protocol: Any) -> None:
         self.protocol = protocol
-        self.conn: WSConnection | None = None
+        self.conn: WSSocket | None = None
 
-    def attach(self, conn: WSConnection) -> None:
+    def attach(self, conn: WSSocket) -> None:
         """Write what `conn` has buffered, then each frame as it is pushed."""
         self.conn = conn
         if self.protocol.writable.is_set():
@@ -94,9 +152,14 @@ class DirectWriter:
             self.paused()
 
     def detach(self) -> None:
-        if self.conn is not None:
-            self.conn.direct = None
-            self.conn = None
+        self.closing()
+        self.conn = None
+
+    def closing(self) -> None:
+        """A close frame is out (or the socket closes): no frame may follow it."""
+        conn = self.conn
+        if conn is not None:
+            conn.direct = conn.raw = None
 
     def lost(self) -> None:
         """The socket is gone: close the connection now, before its buffer fills."""
@@ -114,7 +177,7 @@ class DirectWriter:
     def paused(self) -> None:
         conn = self.conn
         if conn is not None:
-            conn.direct = None
+            conn.direct = conn.raw = None
             conn.busy_since = conn.busy_since or time.monotonic()
 
     def resumed(self) -> None:
@@ -123,14 +186,18 @@ class DirectWriter:
             return
         for frame in conn.drain():
             self.write(frame)
-        if self.protocol.writable.is_set():  # not paused again by the writes above
+        protocol = self.protocol
+        if protocol.writable.is_set():  # not paused again by the writes above
             conn.busy_since = 0.0
             conn.direct = self.write
+            if not (protocol.close_sent or protocol.transport.is_closing()):
+                conn.raw = protocol.transport.write
 
 
 DIRECT_PROTOCOL: type[asyncio.Protocol] | None
 try:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.frames import Frame
     from websockets.http11 import Request
 except ImportError:  # uvicorn before 0.35: frames go through ASGI sends
     DIRECT_PROTOCOL = None
@@ -138,9 +205,36 @@ else:
 
     class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         """uvicorn's WebSocket protocol (handshake, pings, receiving, closing), plus a
-        `DirectWriter` for the app in the ASGI extension ``tidings.direct``."""
+        `DirectWriter` for the app in the ASGI extension ``tidings.direct``.
+
+        Every way uvicorn closes tells the writer first (`DirectWriter.closing`): it
+        sets `close_sent` after a close frame, and `shutdown` and `handle_close` write
+        one without it; after `transport.close()` a write would still be sent while the
+        transport flushes its buffer.
+        """
 
         writer: DirectWriter | None = None
+        _close_sent = False
+
+        @property
+        def close_sent(self) -> bool:
+            return self._close_sent
+
+        @close_sent.setter
+        def close_sent(self, value: bool) -> None:
+            self._close_sent = value
+            if value and self.writer is not None:
+                self.writer.closing()
+
+        def shutdown(self) -> None:
+            if self.writer is not None:
+                self.writer.closing()
+            super().shutdown()
+
+        def handle_close(self, event: Frame) -> None:
+            if self.writer is not None:
+                self.writer.closing()
+            super().handle_close(event)
 
         def handle_connect(self, event: Request) -> None:
             super().handle_connect(event)
