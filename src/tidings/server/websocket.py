@@ -108,14 +108,12 @@ async def said_goodbye(hub: Hub, within: float = 1.0) -> None:
     closes the sockets still open itself, with 1012 instead of 1001.
     """
     waits = [
-        asyncio.ensure_future(session.finished.wait())
+        session.finished
         for session in list(_open)
-        if session.st.hub is hub and session.conn is not None and not session.finished.is_set()
+        if session.st.hub is hub and session.conn is not None and not session.finished.done()
     ]
     if waits:
-        _, late = await asyncio.wait(waits, timeout=within)
-        for wait in late:
-            wait.cancel()
+        await asyncio.wait(waits, timeout=within)  # waits, never cancels them
 
 
 class WebSocketEndpoint:
@@ -178,7 +176,8 @@ class _Session:
         self.auth_timeout = timeout
         self.conversation = Conversation(st, receive)
         self.conn: WSSocket | None = None
-        self.finished = asyncio.Event()
+        # Futures, not Events with a task waiting on them: a few KB less per socket.
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def close(self, code: int, reason: str) -> None:
         message = {"type": "websocket.close", "code": code, "reason": _close_reason(reason)}
@@ -195,7 +194,8 @@ class _Session:
         try:
             await self._run()
         finally:
-            self.finished.set()
+            if not self.finished.done():
+                self.finished.set_result(None)
             _open.discard(self)
 
     async def _run(self) -> None:
@@ -250,10 +250,8 @@ class _Session:
             reader = asyncio.ensure_future(self.conversation.read(conn))
             writer = direct_writer(request.scope)
             if writer is not None:
-                closed = asyncio.Event()
-                conn.on_close(lambda _: closed.set())
+                pump = _closing(conn)
                 writer.attach(conn)  # from now on, frames go straight to the socket
-                pump = asyncio.ensure_future(closed.wait())
             else:
                 pump = asyncio.ensure_future(_pump(conn, self.send))
             conn.on_close(_unstick(conn, pump))
@@ -332,6 +330,18 @@ class _Session:
 
 
 _open: weakref.WeakSet[_Session] = weakref.WeakSet()
+
+
+def _closing(conn: WSSocket) -> asyncio.Future[None]:
+    """A future done once `conn` closes (a plain future: no Event, no task waiting)."""
+    closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def done(reason: CloseReason) -> None:
+        if not closed.done():
+            closed.set_result(None)
+
+    conn.on_close(done)
+    return closed
 
 
 def _unstick(conn: WSSocket, pump: asyncio.Future[None]) -> Callable[[CloseReason], None]:
