@@ -51,7 +51,7 @@ FIELDS: dict[str, set[str]] = {
     },
     "throughput": {"deliveries_per_s", "publishes_per_s", "deliveries", "deliveries_expected"},
     "publish": {"publishes_per_s", "publish_rtt_p50_ms", "publish_status"},
-    "connects": {"connects_per_s", "server_us_per_connect", "subscribers_ready"},
+    "connects": {"connects_per_s", "server_us_per_connect", "subscribers_ready", "connect_p50_ms"},
     "capacity": {"connections", "probe_received", "alive_after_hold", "kb_per_conn"},
 }
 TINY: dict[str, list[str]] = {

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import random
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,7 @@ async def open_subscribers(
         factory: Callable[[], Stream] = lambda: kind(i, request, marker, collector, ready)  # noqa: E731
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
+        dialed = time.monotonic_ns()
         try:
             src = dial.src_ips[i % len(dial.src_ips)]
             if src and family == socket.AF_INET:
@@ -98,9 +100,12 @@ async def open_subscribers(
         except TimeoutError:
             collector.failures["ready-timeout"] += 1
             ok = False
-        if not ok and stream.transport is not None:
-            stream.transport.close()
-        return stream if ok else None
+        if not ok:
+            if stream.transport is not None:
+                stream.transport.close()
+            return None
+        collector.connect_ns.append(time.monotonic_ns() - dialed)
+        return stream
 
     async def one(i: int, token: str) -> None:
         for k in range(1 + dial.retries):

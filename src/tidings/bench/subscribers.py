@@ -49,6 +49,7 @@ class Collector:
     lost: int = 0  # streams that ended while we listened
     ready: int = 0
     retries: int = 0
+    connect_ns: list[int] = field(default_factory=list)  # each ready stream: dial to ready
     bytes_after_ready: int = 0
     last_delivery_ns: int = 0
     failures: Counter[str] = field(default_factory=Counter)
