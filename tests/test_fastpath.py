@@ -40,6 +40,7 @@ from tidings.server.fasthttp import (
     parse_head,
     response_head,
     status_line,
+    stream_head,
 )
 from tidings.wire import SSEParser
 
@@ -198,6 +199,18 @@ def test_response_head_adds_connection_close_once() -> None:
     assert plain == b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
     given = response_head(401, [(b"connection", b"close")], close=True)
     assert given.count(b"connection") == 1
+
+
+def test_stream_head_is_response_heads_for_the_lists_given() -> None:
+    headers = [(b"content-type", b"text/event-stream")]
+    defaults = [(b"date", b"Mon"), (b"server", b"uvicorn")]
+    first = stream_head(headers, defaults)
+    assert first == response_head(200, headers, defaults, chunked=True)
+    assert stream_head(headers, defaults) is first  # remembered
+    tick = [(b"date", b"Tue"), (b"server", b"uvicorn")]  # uvicorn's next second: a new list
+    assert stream_head(headers, tick) == response_head(200, headers, tick, chunked=True)
+    other = [(b"content-type", b"text/event-stream"), (b"vary", b"Origin")]
+    assert stream_head(other, tick) == response_head(200, other, tick, chunked=True)
 
 
 def test_chunks_parse_back_with_a_real_http_parser() -> None:

@@ -276,6 +276,23 @@ def response_head(
     return b"".join(lines)
 
 
+def stream_head(headers: list[tuple[bytes, bytes]], defaults: list[tuple[bytes, bytes]]) -> bytes:
+    """`response_head(200, headers, defaults, chunked=True)`, remembered for the last
+    lists given (the same objects, kept here so that no other list takes their place):
+    uvicorn's default headers change once a second and a stream's `headers` are one
+    constant list, so the streams opened in a second share one head."""
+    global _last_stream_head
+    last = _last_stream_head
+    if last[0] is headers and last[1] is defaults:
+        return last[2]
+    head = response_head(200, headers, defaults, chunked=True)
+    _last_stream_head = (headers, defaults, head)
+    return head
+
+
+_last_stream_head: tuple[object, object, bytes] = (None, None, b"")
+
+
 def json_response(
     status: int,
     body: bytes,
