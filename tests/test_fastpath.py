@@ -33,6 +33,7 @@ from tidings.server.fasthttp import (
     MAX_HEAD,
     HeadCache,
     HeadError,
+    RequestHead,
     chunk,
     head_end,
     is_stream,
@@ -851,6 +852,25 @@ def test_the_head_cache_hands_out_copies_and_keeps_no_malformed_head() -> None:
     for _ in range(2):
         with pytest.raises(HeadError):
             cache.parse(bad)
+
+
+@pytest.mark.parametrize("value", [b"", b" ", b"abc", b"-1", b"5 5", b"0x5"])
+def test_the_head_cache_reads_a_bad_length_as_parse_head_does(value: bytes) -> None:
+    """A kept head's key is the head without its length's digits: the same head with
+    an empty (or any unplain) length is parsed, not taken for the kept one."""
+    cache = HeadCache()
+    template = b"POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n"
+    cache.parse(template % b"42")
+    raw = template % value
+    try:
+        expected: RequestHead | type[HeadError] = parse_head(raw)
+    except HeadError:
+        expected = HeadError
+    if expected is HeadError:
+        with pytest.raises(HeadError):
+            cache.parse(raw)
+    else:
+        assert cache.parse(raw) == expected
 
 
 def test_the_head_cache_is_bounded() -> None:

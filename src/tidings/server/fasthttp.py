@@ -160,7 +160,9 @@ class HeadCache:
         """`parse_head(raw)`; raises HeadError."""
         key, digits = _without_length(raw)
         found = self._heads.get(key)
-        if found is None:
+        if found is None or (found[1] >= 0 and not digits):
+            # (A head kept without its digits has the key of the same head with an empty
+            # Content-Length, which llhttp refuses: parsed, not answered from the cache.)
             return self._parse(raw, key, digits)
         head, at = found
         headers = head.headers.copy()  # the kept head is never handed out
