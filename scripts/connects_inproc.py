@@ -1,13 +1,14 @@
 """Stream connects in process: the fast path's `FastProtocol` fed with in-memory transports.
 
-    PYTHONPATH=src taskset -c 0 python scripts/connects_inproc.py MODE [N] [--calls]
+    PYTHONPATH=src taskset -c 0 python scripts/connects_inproc.py MODE [N] [--calls] [--topic]
 
 MODE ``direct``: as `tidings serve` opens streams with no middleware (server/faststream.py);
 ``stack``: through the app's ASGI stack, as with CORS (or a build before faststream.py).
 N connects (default 5000), 200 at a time, each with its own JWT, SQLite inbox, memory
 broker; prints the process's CPU µs per connect until every response head was written
 (the aiosqlite thread included), and with ``--calls`` the Python and C calls per connect
-(slow: a profile hook counts them).
+(slow: a profile hook counts them). ``--topic``: each request as `tidings bench connects`
+sends it, a tenant and a topic in the token and ``?topics=`` in the target.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Transport(asyncio.Transport):
         pass
 
 
-async def main(mode: str, n: int, count_calls: bool) -> None:
+async def main(mode: str, n: int, count_calls: bool, topic: bool) -> None:
     if mode == "stack" and hasattr(fastproto, "goes_direct"):
         fastproto.goes_direct = lambda *a, **k: False  # type: ignore[attr-defined]
     url = f"sqlite+aiosqlite:///{tempfile.mkdtemp()}/t.db"
@@ -76,9 +77,13 @@ async def main(mode: str, n: int, count_calls: bool) -> None:
     config = uvicorn.Config(app, http=fastpath.protocol_class(app), log_config=None)
     config.load()
     protocol = config.http_protocol_class
+    target, claims = b"/api/v1/stream", {}
+    if topic:
+        target, claims = b"/api/v1/stream?topics=t1", {"tenant": "bench", "topics": ["t1"]}
     requests = [
-        b"GET /api/v1/stream HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
-        b"Authorization: Bearer %s\r\n\r\n" % mint_token(SECRET, f"u{i}").encode()
+        b"GET %s HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+        b"Authorization: Bearer %s\r\n\r\n"
+        % (target, mint_token(SECRET, f"u{i}", **claims).encode())  # type: ignore[arg-type]
         for i in range(n)
     ]
     async with app.state.tidings.hub:
@@ -120,4 +125,5 @@ async def main(mode: str, n: int, count_calls: bool) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    uvloop.run(main(args[0], int(args[1]) if len(args) > 1 else 5000, "--calls" in sys.argv))
+    n = int(args[1]) if len(args) > 1 else 5000
+    uvloop.run(main(args[0], n, "--calls" in sys.argv, "--topic" in sys.argv))

@@ -33,6 +33,7 @@ from tidings.server.fasthttp import (
     MAX_HEAD,
     HeadCache,
     HeadError,
+    RequestHead,
     chunk,
     head_end,
     is_stream,
@@ -40,6 +41,7 @@ from tidings.server.fasthttp import (
     parse_head,
     response_head,
     status_line,
+    stream_head,
 )
 from tidings.wire import SSEParser
 
@@ -198,6 +200,18 @@ def test_response_head_adds_connection_close_once() -> None:
     assert plain == b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
     given = response_head(401, [(b"connection", b"close")], close=True)
     assert given.count(b"connection") == 1
+
+
+def test_stream_head_is_response_heads_for_the_lists_given() -> None:
+    headers = [(b"content-type", b"text/event-stream")]
+    defaults = [(b"date", b"Mon"), (b"server", b"uvicorn")]
+    first = stream_head(headers, defaults)
+    assert first == response_head(200, headers, defaults, chunked=True)
+    assert stream_head(headers, defaults) is first  # remembered
+    tick = [(b"date", b"Tue"), (b"server", b"uvicorn")]  # uvicorn's next second: a new list
+    assert stream_head(headers, tick) == response_head(200, headers, tick, chunked=True)
+    other = [(b"content-type", b"text/event-stream"), (b"vary", b"Origin")]
+    assert stream_head(other, tick) == response_head(200, other, tick, chunked=True)
 
 
 def test_chunks_parse_back_with_a_real_http_parser() -> None:
@@ -838,6 +852,25 @@ def test_the_head_cache_hands_out_copies_and_keeps_no_malformed_head() -> None:
     for _ in range(2):
         with pytest.raises(HeadError):
             cache.parse(bad)
+
+
+@pytest.mark.parametrize("value", [b"", b" ", b"abc", b"-1", b"5 5", b"0x5"])
+def test_the_head_cache_reads_a_bad_length_as_parse_head_does(value: bytes) -> None:
+    """A kept head's key is the head without its length's digits: the same head with
+    an empty (or any unplain) length is parsed, not taken for the kept one."""
+    cache = HeadCache()
+    template = b"POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n"
+    cache.parse(template % b"42")
+    raw = template % value
+    try:
+        expected: RequestHead | type[HeadError] = parse_head(raw)
+    except HeadError:
+        expected = HeadError
+    if expected is HeadError:
+        with pytest.raises(HeadError):
+            cache.parse(raw)
+    else:
+        assert cache.parse(raw) == expected
 
 
 def test_the_head_cache_is_bounded() -> None:

@@ -16,6 +16,26 @@ def test_named_event_and_string_payload_split_per_line() -> None:
     assert frame == "event: notice\ndata: 第一行\ndata: 第二行\ndata: third\n\n".encode()
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"text": "two\nlines\r\nand\rmore", "n": 1, "ok": True, "none": None},
+        ["a\n", "\u2028", "消息", 1.5, [], {}],
+        {"nested": {"deep": ["\x00\x1f", "\ud7ff"]}},
+        0,
+        None,
+    ],
+)
+def test_json_payload_is_one_data_line_as_the_text_split_gives(data: object) -> None:
+    """Non-string data is written as orjson's one line: what splitting its text gives."""
+    text = wire.encode_data(data)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    assert lines == [text]
+    for name in ("message", "welcome"):
+        head = "" if name == "message" else f"event: {name}\n"
+        assert wire.sse_body(name, data) == f"{head}data: {text}\n\n".encode()
+
+
 def test_newlines_in_id_and_event_cannot_inject_fields() -> None:
     frame = wire.sse_frame("a\nb", "x\r\ndata: evil", 1)
     assert frame == b"id: ab\nevent: xdata: evil\ndata: 1\n\n"

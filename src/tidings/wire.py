@@ -33,9 +33,11 @@ def encode_data(data: Any) -> str:
 
 def sse_body(name: str, data: Any) -> bytes:
     """`event:` (omitted for `message`) and `data:` lines, ending the event."""
-    text = encode_data(data)
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     head = "" if name == "message" else f"event: {_clean_field(name)}\n"
+    if not isinstance(data, str):
+        # JSON as orjson writes it has no line break (it escapes them in strings): one line.
+        return head.encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+    lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return (head + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
 
 

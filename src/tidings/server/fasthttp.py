@@ -160,7 +160,9 @@ class HeadCache:
         """`parse_head(raw)`; raises HeadError."""
         key, digits = _without_length(raw)
         found = self._heads.get(key)
-        if found is None:
+        if found is None or (found[1] >= 0 and not digits):
+            # (A head kept without its digits has the key of the same head with an empty
+            # Content-Length, which llhttp refuses: parsed, not answered from the cache.)
             return self._parse(raw, key, digits)
         head, at = found
         headers = head.headers.copy()  # the kept head is never handed out
@@ -274,6 +276,23 @@ def response_head(
         lines.append(b"connection: close\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def stream_head(headers: list[tuple[bytes, bytes]], defaults: list[tuple[bytes, bytes]]) -> bytes:
+    """`response_head(200, headers, defaults, chunked=True)`, remembered for the last
+    lists given (the same objects, kept here so that no other list takes their place):
+    uvicorn's default headers change once a second and a stream's `headers` are one
+    constant list, so the streams opened in a second share one head."""
+    global _last_stream_head
+    last = _last_stream_head
+    if last[0] is headers and last[1] is defaults:
+        return last[2]
+    head = response_head(200, headers, defaults, chunked=True)
+    _last_stream_head = (headers, defaults, head)
+    return head
+
+
+_last_stream_head: tuple[object, object, bytes] = (None, None, b"")
 
 
 def json_response(

@@ -51,6 +51,7 @@ from .fasthttp import (
     is_stream,
     may_be_request,
     response_head,
+    stream_head,
 )
 from .fastpublish import REQUEST_LINE, Answer, answer, takes
 from .faststream import goes_direct, greet_chunked, open_stream
@@ -366,8 +367,7 @@ class FastProtocol(asyncio.Protocol):
         conn, transport = self.conn, self.transport
         assert conn is not None and transport is not None
         self.phase = _LIVE
-        defaults = self.fast.server_state.default_headers
-        head = response_head(200, headers, defaults, chunked=True)
+        head = stream_head(headers, self.fast.server_state.default_headers)
         self._buffer = b""
         transport.write(head + b"".join(conn.drain()))
         if conn.closed is not None:  # overflowed or disconnected during the setup

@@ -19,16 +19,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
-from starlette.datastructures import Headers, QueryParams
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import cookie_parser
 
 from ..auth import Authenticator, Principal, bearer_token
 from ..backends.memory import MemoryBackend
 from ..errors import TidingsError
+from .fastcredentials import credentials
 from .fasthttp import RequestHead, body_length, json_response, response_head
-from .http import INTERNAL, Credentials, error_response
+from .http import INTERNAL, error_response
 from .publish import publish_one
 from .state import State
 
@@ -137,19 +136,6 @@ class KnownKeys:
 def json_headers(body: bytes) -> RawHeaders:
     """The headers of Starlette's `JSONResponse` with `body` (as `json_response` writes)."""
     return [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
-
-
-def credentials(head: RequestHead) -> Credentials:
-    """What `Credentials.of` gives for the same request on the ASGI path."""
-    cookie = head.first(b"cookie")  # the first, as Starlette's `Headers.get` finds it
-    return Credentials(
-        Headers(raw=head.headers),
-        QueryParams(head.query) if head.query else _NO_QUERY,
-        cookie_parser(cookie.decode("latin-1")) if cookie else {},
-    )
-
-
-_NO_QUERY = QueryParams("")
 
 
 def refusal(exc: TidingsError, *, fatal: bool = False) -> Answer:

@@ -13,7 +13,7 @@ decides; otherwise through `FastPath.stack` (`server/fastapp.py`), as before. Th
   scheme, which no check reads): such a request goes through the stack, which has it.
 
 Both ways call `streams.open_sse` with the same inputs (the `State`, the request's
-`Credentials` as `fastpublish.credentials` reads them from the head, the client
+`Credentials` as `fastcredentials.credentials` reads them from the head, the client
 address), so the checks, the errors and the opened stream are the same; a refusal is
 `http.error_response`'s status, headers and JSON body (`Answer`), as the ASGI route's.
 """
@@ -24,8 +24,9 @@ import logging
 from collections.abc import Callable
 
 from ..errors import TidingsError
+from .fastcredentials import credentials
 from .fasthttp import RequestHead, chunk
-from .fastpublish import Answer, credentials, refusal
+from .fastpublish import Answer, refusal
 from .fastwriter import ChunkedSSEConnection
 from .http import INTERNAL
 from .state import State
