@@ -34,9 +34,10 @@ from sse_client import WAIT, Api, SSEClient, open_stream, sse_stream
 from tidings.auth import Principal
 from tidings.backends.base import Backend, create_backend
 from tidings.backends.memory import MemoryBackend
+from tidings.backends.redis import RedisBackend
 from tidings.connection import SSEConnection
 from tidings.errors import BackendUnavailable
-from tidings.event import CloseReason
+from tidings.event import CloseReason, Event
 from tidings.hub import Hub
 from tidings.wire import SSEParser
 
@@ -338,6 +339,56 @@ async def test_claims_expire(make_backend: BackendFactory) -> None:
     a = await make_backend()
     assert await a.claim("short", "x", 0.2) is None
     await until(lambda: _is_none(a.claim("short", "y", 0.2)), "the claim to expire")
+
+
+async def test_publish_once_claims_and_publishes_in_one_script(
+    broker_url: str, make_backend: BackendFactory
+) -> None:
+    """The idempotent publish: the claim is taken by the publish's own script, so a
+    claim exists exactly when its event was published."""
+    a, b = await make_backend(), await make_backend()
+    assert isinstance(a, RedisBackend) and isinstance(b, RedisBackend)
+    first = await a.publish_once("k", 60, "", ["u:ann"], "m", "工资已发放", "e1")
+    assert isinstance(first, Event) and first.streams == (("u:ann", 1),)
+    assert await b.publish_once("k", 60, "", ["u:ann"], "m", "再发一次", "e2") == "e1"
+    assert [e.data for e in await b.history("", "u:ann", 0) or []] == ["工资已发放"]
+    assert await a.claim("k", "e3", 60) == "e1"  # the same claims as `claim`'s
+    # A publish that fails leaves no claim: the script stops before it claims anything.
+    prefix = broker_url.rsplit("prefix=", 1)[1]
+    redis_cli("SET", prefix + ":epoch", "m-another")  # as if another history took over
+    with pytest.raises(BackendUnavailable):
+        await a.publish_once("k2", 60, "", ["u:ann"], "m", "lost?", "e4")
+    assert redis_cli("EXISTS", prefix + ":k:k2") == "0"
+
+
+async def test_publish_once_claims_expire(make_backend: BackendFactory) -> None:
+    a = await make_backend()
+    assert isinstance(a, RedisBackend)
+    assert isinstance(await a.publish_once("short", 0.2, "", ["t:x"], "m", 1, "e1"), Event)
+
+    async def published_again() -> bool:
+        again = await a.publish_once("short", 0.2, "", ["t:x"], "m", 2, "e2")
+        return isinstance(again, Event)
+
+    await until(published_again, "the claim to expire")
+
+
+async def test_keyed_publishes_on_redis_never_claim_apart(make_hub: HubFactory) -> None:
+    """`Hub.publish_message` uses the one-script publish on Redis, not claim + publish."""
+    a = await make_hub()
+
+    async def no_claim(key: str, value: str, ttl: float) -> str | None:
+        raise AssertionError("claimed apart from the publish")
+
+    a.backend.claim = no_claim  # type: ignore[method-assign]
+    ann = Client(a, "ann")
+    await ann.open()
+    first = await a.send_to_user("ann", "一次", idempotency_key="k1")
+    assert await a.send_to_user("ann", "一次", idempotency_key="k1") == first
+    await a.send_to_user("ann", "next")
+    await ann.wait_for(2)
+    assert ann.data() == ["一次", "next"]
+    assert a.broker.stats.published == 2
 
 
 async def test_epoch_is_shared(make_backend: BackendFactory) -> None:

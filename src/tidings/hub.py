@@ -165,13 +165,7 @@ class Hub:
 
         `pause`: see `emit`; one publish per HTTP request needs none."""
         event_id = new_event_id()
-        claim = None
-        if message.idempotency_key is not None:
-            claim = f"idem\x1f{message.tenant}\x1f{message.idempotency_key}"
-            earlier = await self.backend.claim(claim, event_id, self.settings.idempotency_ttl)
-            if earlier is not None:
-                return earlier
-        try:
+        if message.idempotency_key is None:  # the hot path: no claim
             await self.emit(
                 message.tenant,
                 message.streams(),
@@ -180,11 +174,31 @@ class Hub:
                 event_id=event_id,
                 pause=pause,
             )
+            return event_id
+        claim = f"idem\x1f{message.tenant}\x1f{message.idempotency_key}"
+        ttl = self.settings.idempotency_ttl
+        publish_once = getattr(self.backend, "publish_once", None)
+        if publish_once is not None:  # the claim and the publish as one step (Redis)
+            published = await publish_once(claim, ttl, *self._parts(message), event_id)
+            if isinstance(published, str):
+                return published  # the earlier publish's id: nothing published now
+            if pause:
+                await asyncio.sleep(0)
+            self._count_published(message.tenant, EVENT)
+            return event_id
+        earlier = await self.backend.claim(claim, event_id, ttl)
+        if earlier is not None:
+            return earlier
+        try:
+            await self.emit(*self._parts(message), event_id=event_id, pause=pause)
         except BaseException:
-            if claim is not None:
-                await self.backend.release(claim)
+            await self.backend.release(claim)
             raise
         return event_id
+
+    @staticmethod
+    def _parts(message: Message) -> tuple[str, list[str], str, Any]:
+        return message.tenant, message.streams(), message.event, message.data
 
     async def emit(
         self,
@@ -210,6 +224,10 @@ class Hub:
         )
         if pause:
             await asyncio.sleep(0)
+        self._count_published(tenant, kind)
+        return event
+
+    def _count_published(self, tenant: str, kind: str) -> None:
         if kind != CONTROL:
             broker = self.broker
             broker.stats.published += 1
@@ -217,7 +235,6 @@ class Hub:
             if counts is None:
                 counts = broker.tenant_counts[tenant] = TenantCounts()
             counts.published += 1
-        return event
 
     async def publish(
         self,

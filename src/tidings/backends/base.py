@@ -60,7 +60,13 @@ class Backend(Protocol):
         ...
 
     async def release(self, key: str) -> None:
-        """Forget a claim (its publish failed, so a retry must be able to go through)."""
+        """Forget a claim (its publish failed, so a retry must be able to go through).
+
+        A backend that can claim and publish in one step offers ``publish_once(key, ttl,
+        tenant, streams, name, data, event_id) -> Event | str`` (the earlier event id if
+        `key` was claimed), and `Hub.publish_message` uses it instead of these two
+        (Redis: one script); otherwise a failure between the claim and the publish, with
+        the release failing too, leaves a claim without its publish (docs/api.md)."""
         ...
 
     async def ready(self) -> bool:

@@ -53,6 +53,7 @@ from .redis_layout import (
     EPOCH_ERROR,
     HISTORY,
     PUBLISH,
+    PUBLISH_ONCE,
     SYNC_EPOCH,
     TOPS,
     split_url,
@@ -101,6 +102,7 @@ class RedisBackend:
             health_check_interval=0,
         )
         self._publish = self._redis.register_script(PUBLISH)
+        self._publish_once = self._redis.register_script(PUBLISH_ONCE)
         self._history = self._redis.register_script(HISTORY)
         self._tops = self._redis.register_script(TOPS)
         self._sync = self._redis.register_script(SYNC_EPOCH)
@@ -123,6 +125,9 @@ class RedisBackend:
 
     def _hkey(self, tenant: str, stream: str) -> str:
         return f"{self.prefix}:h:{tenant_part(tenant)}:{stream}"
+
+    def _claim_key(self, key: str) -> str:
+        return f"{self.prefix}:k:{key}"
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -327,18 +332,55 @@ class RedisBackend:
             except (RedisError, OSError) as exc:
                 raise self._failed(exc) from exc
             return event
-        head = orjson.dumps(fields)[:-1] + b',"streams":'
-        keys = [self._epoch_key, self._gen_key, self._counters(tenant)]
-        args: list[Any] = [self.epoch, self._size, self._ttl_ms, self.channel, head, b"}"]
-        for stream in streams:
-            keys.append(self._hkey(tenant, stream))
-            args += [stream, orjson.dumps(stream), "1" if stream.startswith("u:") else "0"]
+        keys, args = self._publish_call(tenant, streams, fields)
         try:
             seqs = await self._publish(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise self._failed(exc) from exc
         positions = tuple((s, int(q)) for s, q in zip(streams, seqs, strict=True))
         return Event(event_id, tenant, name, data, positions, ts, kind)
+
+    async def publish_once(
+        self,
+        key: str,
+        ttl: float,
+        tenant: str,
+        streams: Sequence[str],
+        name: str,
+        data: Any,
+        event_id: str,
+    ) -> Event | str:
+        """`publish` unless `key` is claimed; claims it for `ttl` s. -> the event, or the
+        earlier publish's event id. One script: the claim exists if and only if the
+        publish happened (`Hub.publish_message`)."""
+        self._check()
+        ts = time.time()
+        fields = {"id": event_id, "tenant": tenant, "name": name, "data": data, "ts": ts}
+        fields["kind"] = EVENT
+        keys, args = self._publish_call(tenant, streams, fields)
+        ttl_ms = max(1, int(ttl * 1000))
+        try:
+            out = await self._publish_once(
+                keys=[self._claim_key(key), *keys], args=[event_id, ttl_ms, *args]
+            )
+        except (RedisError, OSError) as exc:
+            raise self._failed(exc) from exc
+        if out and out[0] == b"claimed":
+            return bytes(out[1]).decode()
+        positions = tuple((s, int(q)) for s, q in zip(streams, out, strict=True))
+        return Event(event_id, tenant, name, data, positions, ts, EVENT)
+
+    def _publish_call(
+        self, tenant: str, streams: Sequence[str], fields: dict[str, Any]
+    ) -> tuple[list[str], list[Any]]:
+        """PUBLISH's keys and arguments (redis_layout.py) for an event's `fields`."""
+        head = orjson.dumps(fields)[:-1] + b',"streams":'
+        keys = [self._epoch_key, self._gen_key, self._counters(tenant)]
+        args: list[Any] = [self.epoch, self._size, self._ttl_ms, self.channel, head, b"}"]
+        for stream in streams:
+            keys.append(self._hkey(tenant, stream))
+            args += [stream, orjson.dumps(stream), "1" if stream.startswith("u:") else "0"]
+        return keys, args
 
     async def subscribe(self, keys: Iterable[str]) -> None:
         return None  # one channel for all (module docstring)
@@ -389,7 +431,7 @@ class RedisBackend:
     async def claim(self, key: str, value: str, ttl: float) -> str | None:
         try:
             earlier = await self._redis.set(
-                f"{self.prefix}:k:{key}", value, nx=True, px=max(1, int(ttl * 1000)), get=True
+                self._claim_key(key), value, nx=True, px=max(1, int(ttl * 1000)), get=True
             )
         except (RedisError, OSError) as exc:
             raise self._failed(exc) from exc
@@ -399,6 +441,6 @@ class RedisBackend:
 
     async def release(self, key: str) -> None:
         try:
-            await self._redis.delete(f"{self.prefix}:k:{key}")
+            await self._redis.delete(self._claim_key(key))
         except (RedisError, OSError) as exc:
             raise self._failed(exc) from exc

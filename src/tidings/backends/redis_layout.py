@@ -22,13 +22,22 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["EPOCH_ERROR", "HISTORY", "PUBLISH", "SYNC_EPOCH", "TOPS", "split_url", "tenant_part"]
+__all__ = [
+    "EPOCH_ERROR",
+    "HISTORY",
+    "PUBLISH",
+    "PUBLISH_ONCE",
+    "SYNC_EPOCH",
+    "TOPS",
+    "split_url",
+    "tenant_part",
+]
 
 EPOCH_ERROR = "TIDINGS_EPOCH"
 
 # KEYS: epoch, gen, counters, history_1 … history_n
 # ARGV: epoch, size, ttl_ms, channel, head, tail, then per stream: name, json name, is_user
-PUBLISH = """
+_PUBLISH_BODY = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('TIDINGS_EPOCH') end
 local gen = redis.call('INCR', KEYS[2])
 local n = #KEYS - 3
@@ -56,8 +65,26 @@ if size > 0 then
 end
 redis.call('PUBLISH', ARGV[4], gen .. ' ' .. ARGV[1] .. ' ' .. ARGV[5] .. '['
            .. table.concat(parts, ',') .. ']' .. ARGV[6])
+"""
+PUBLISH = _PUBLISH_BODY + "return seqs\n"
+
+# An idempotent publish: the claim and the publish in one script, so neither happens
+# without the other (no window in which a claim outlives a failed publish, nor one in
+# which a repeat is told of a publish that then fails).
+# KEYS: claim, then PUBLISH's. ARGV: the event id, the claim's ttl_ms, then PUBLISH's.
+# -> {seq_1 … seq_n}, or {'claimed', earlier event id}
+PUBLISH_ONCE = (
+    """
+local claim = table.remove(KEYS, 1)
+local event_id, claim_ms = table.remove(ARGV, 1), table.remove(ARGV, 1)
+local earlier = redis.call('GET', claim)
+if earlier then return {'claimed', earlier} end
+"""
+    + _PUBLISH_BODY
+    + """redis.call('SET', claim, event_id, 'PX', claim_ms)
 return seqs
 """
+)
 
 # KEYS: epoch, counters, history. ARGV: epoch, stream, after, most
 # -> {top} or {top, id1, body1, id2, body2, …}
