@@ -332,13 +332,9 @@ class RedisBackend:
             except (RedisError, OSError) as exc:
                 raise self._failed(exc) from exc
             return event
-        keys, args = self._publish_call(tenant, streams, fields)
-        try:
-            seqs = await self._publish(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise self._failed(exc) from exc
-        positions = tuple((s, int(q)) for s, q in zip(streams, seqs, strict=True))
-        return Event(event_id, tenant, name, data, positions, ts, kind)
+        published = await self._scripted(None, 0.0, fields, streams)
+        assert isinstance(published, Event)  # no claim, so never an earlier id
+        return published
 
     async def publish_once(
         self,
@@ -354,33 +350,43 @@ class RedisBackend:
         earlier publish's event id. One script: the claim exists if and only if the
         publish happened (`Hub.publish_message`)."""
         self._check()
-        ts = time.time()
-        fields = {"id": event_id, "tenant": tenant, "name": name, "data": data, "ts": ts}
-        fields["kind"] = EVENT
-        keys, args = self._publish_call(tenant, streams, fields)
-        ttl_ms = max(1, int(ttl * 1000))
-        try:
-            out = await self._publish_once(
-                keys=[self._claim_key(key), *keys], args=[event_id, ttl_ms, *args]
-            )
-        except (RedisError, OSError) as exc:
-            raise self._failed(exc) from exc
-        if out and out[0] == b"claimed":
-            return bytes(out[1]).decode()
-        positions = tuple((s, int(q)) for s, q in zip(streams, out, strict=True))
-        return Event(event_id, tenant, name, data, positions, ts, EVENT)
+        fields = {"id": event_id, "tenant": tenant, "name": name, "data": data}
+        fields.update(ts=time.time(), kind=EVENT)
+        return await self._scripted(key, ttl, fields, streams)
 
-    def _publish_call(
-        self, tenant: str, streams: Sequence[str], fields: dict[str, Any]
-    ) -> tuple[list[str], list[Any]]:
-        """PUBLISH's keys and arguments (redis_layout.py) for an event's `fields`."""
+    async def _scripted(
+        self, claim: str | None, ttl: float, fields: dict[str, Any], streams: Sequence[str]
+    ) -> Event | str:
+        """The event of `fields` through PUBLISH, or PUBLISH_ONCE with `claim` for `ttl` s
+        (redis_layout.py): the event with its positions, or a claim's earlier event id."""
+        tenant = fields["tenant"]
         head = orjson.dumps(fields)[:-1] + b',"streams":'
         keys = [self._epoch_key, self._gen_key, self._counters(tenant)]
         args: list[Any] = [self.epoch, self._size, self._ttl_ms, self.channel, head, b"}"]
         for stream in streams:
             keys.append(self._hkey(tenant, stream))
             args += [stream, orjson.dumps(stream), "1" if stream.startswith("u:") else "0"]
-        return keys, args
+        script = self._publish
+        if claim is not None:
+            script = self._publish_once
+            keys.insert(0, self._claim_key(claim))
+            args[:0] = [fields["id"], max(1, int(ttl * 1000))]
+        try:
+            out = await script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise self._failed(exc) from exc
+        if out and out[0] == b"claimed":
+            return bytes(out[1]).decode()
+        positions = tuple((s, int(q)) for s, q in zip(streams, out, strict=True))
+        return Event(
+            fields["id"],
+            tenant,
+            fields["name"],
+            fields["data"],
+            positions,
+            fields["ts"],
+            fields["kind"],
+        )
 
     async def subscribe(self, keys: Iterable[str]) -> None:
         return None  # one channel for all (module docstring)
