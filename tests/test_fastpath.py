@@ -551,6 +551,39 @@ async def test_after_an_error_the_connection_serves_more_requests(srv: TidingsSe
         await raw.close()
 
 
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        b"GET /api/v1/stream HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+        b"GARBAGE\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("after_another", [False, True])
+async def test_a_request_that_is_not_http_gets_a_json_400_and_the_close(
+    srv: TidingsServer, malformed: bytes, after_another: bool
+) -> None:
+    # Alone, the fast path hands it to uvicorn, which cannot parse it either; after a
+    # request uvicorn served, uvicorn reads it on the same connection. Both answer it as
+    # every other refusal is answered (uvicorn's own answer is a line of plain text).
+    raw = await Raw.connect(srv)
+    try:
+        if after_another:
+            await raw.send(get("/healthz"))
+            assert (await raw.response())[0] == 200
+        await raw.send(malformed)
+        status, headers, body = await raw.response()
+        assert status == 400, body
+        assert headers["content-type"] == "application/json"
+        assert headers["connection"] == "close"
+        assert orjson.loads(body) == {
+            "error": {"code": "invalid_request", "message": "malformed HTTP request"}
+        }
+        assert await raw.eof() == b""
+    finally:
+        await raw.close()
+
+
 async def test_pipelined_requests_are_answered_in_order(srv: TidingsServer) -> None:
     raw = await Raw.connect(srv)
     try:

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
 
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from uvicorn.config import Config
@@ -29,8 +30,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
-from ..errors import TidingsError
-from .fasthttp import HeadCache, RequestHead
+from ..errors import InvalidRequest, TidingsError
+from .fasthttp import HeadCache, RequestHead, json_response
 from .fastpublish import Answer, KnownKeys, answer, json_headers, may_start_eagerly
 from .faststream import greet_chunked
 from .fastwriter import ChunkedSSEConnection
@@ -49,6 +50,18 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class JSONErrorsProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, which the fast path hands what it does not serve itself,
+    answering a request it cannot parse as every other refusal is answered: API.md §2's
+    JSON body (uvicorn's own is a line of plain text), then the connection closes."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = orjson.dumps(InvalidRequest("malformed HTTP request").body())
+        defaults = self.server_state.default_headers
+        self.transport.write(json_response(400, body, defaults, close=True))
+        self.transport.close()
 
 
 class Capture:
@@ -179,7 +192,7 @@ class FastPath:
 
     def uvicorn_protocol(self) -> HttpToolsProtocol:
         assert self.config is not None
-        return HttpToolsProtocol(
+        return JSONErrorsProtocol(
             config=self.config,
             server_state=self.server_state,
             app_state=self.app_state,
