@@ -559,19 +559,25 @@ async def test_after_an_error_the_connection_serves_more_requests(srv: TidingsSe
         b"GARBAGE\r\n\r\n",
     ],
 )
-@pytest.mark.parametrize("after_another", [False, True])
+@pytest.mark.parametrize("after", ["nothing", "an answered request", "a pipelined request"])
 async def test_a_request_that_is_not_http_gets_a_json_400_and_the_close(
-    srv: TidingsServer, malformed: bytes, after_another: bool
+    srv: TidingsServer, malformed: bytes, after: str
 ) -> None:
     # Alone, the fast path hands it to uvicorn, which cannot parse it either; after a
     # request uvicorn served, uvicorn reads it on the same connection. Both answer it as
-    # every other refusal is answered (uvicorn's own answer is a line of plain text).
+    # every other refusal is answered (uvicorn's own answer is a line of plain text);
+    # pipelined, after the answer due before it.
     raw = await Raw.connect(srv)
     try:
-        if after_another:
+        if after == "an answered request":
             await raw.send(get("/healthz"))
             assert (await raw.response())[0] == 200
-        await raw.send(malformed)
+        if after == "a pipelined request":
+            await raw.send(get("/readyz") + malformed)
+            status, _, body = await raw.response()
+            assert status == 200 and orjson.loads(body)["status"] == "ok", body
+        else:
+            await raw.send(malformed)
         status, headers, body = await raw.response()
         assert status == 400, body
         assert headers["content-type"] == "application/json"
@@ -582,6 +588,7 @@ async def test_a_request_that_is_not_http_gets_a_json_400_and_the_close(
         assert await raw.eof() == b""
     finally:
         await raw.close()
+    assert "Traceback" not in srv.log()
 
 
 async def test_pipelined_requests_are_answered_in_order(srv: TidingsServer) -> None:

@@ -55,9 +55,30 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class JSONErrorsProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol, which the fast path hands what it does not serve itself,
     answering a request it cannot parse as every other refusal is answered: API.md §2's
-    JSON body (uvicorn's own is a line of plain text), then the connection closes."""
+    JSON body (uvicorn's own is a line of plain text), then the connection closes.
+
+    Pipelined behind requests still being answered, the 400 follows their answers, in
+    order. (uvicorn writes its 400 at once and closes: the answer due before it is lost,
+    and the app's attempt to send it is logged as an unhandled error.)
+    """
+
+    _malformed = False
 
     def send_400_response(self, msg: str) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            self._malformed = True  # answered once the answers before it are out
+            self.flow.pause_reading()
+            return
+        self._refuse()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._malformed and not self.pipeline and not self.transport.is_closing():
+            self._unset_keepalive_if_required()
+            self._refuse()
+
+    def _refuse(self) -> None:
         body = orjson.dumps(InvalidRequest("malformed HTTP request").body())
         defaults = self.server_state.default_headers
         self.transport.write(json_response(400, body, defaults, close=True))
