@@ -22,8 +22,9 @@ import contextlib
 import secrets
 import socket
 import struct
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -44,6 +45,22 @@ __all__ = [
 
 WAIT = 10.0
 """Bound on one wait for the server, in seconds; never reached when things work."""
+
+
+async def until(
+    condition: Callable[[], Awaitable[bool] | bool], what: str, within: float = WAIT
+) -> None:
+    """Poll `condition` (bounded): a failure guard, not a way to let time pass."""
+    deadline = time.monotonic() + within
+    while True:
+        value = condition()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 class StreamEnded(AssertionError):

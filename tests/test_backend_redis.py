@@ -30,7 +30,7 @@ import orjson
 import pytest
 
 from server import StartServer, TidingsServer
-from sse_client import WAIT, Api, SSEClient, open_stream, sse_stream
+from sse_client import Api, SSEClient, open_stream, sse_stream, until
 from tidings.auth import Principal
 from tidings.backends.base import Backend, create_backend
 from tidings.backends.memory import MemoryBackend
@@ -69,22 +69,6 @@ def reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-async def until(
-    condition: Callable[[], Awaitable[bool] | bool], what: str, within: float = WAIT
-) -> None:
-    """Poll `condition` (bounded): a failure guard, not a way to let time pass."""
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # -- Redis plumbing -------------------------------------------------------------------

@@ -23,7 +23,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from server import StartServer, TidingsServer
-from sse_client import WAIT, Api, SSEClient, expect_marker, open_stream, sse_stream
+from sse_client import WAIT, Api, SSEClient, expect_marker, open_stream, sse_stream, until
 from tidings.auth import Principal
 from tidings.connection import SSEConnection
 from tidings.event import CloseReason, Event
@@ -588,6 +588,31 @@ async def test_a_request_that_is_not_http_gets_a_json_400_and_the_close(
         assert await raw.eof() == b""
     finally:
         await raw.close()
+    assert "Traceback" not in srv.log()
+
+
+async def test_a_stream_with_a_request_pipelined_behind_it_sees_its_client_leave(
+    srv: TidingsServer, api: Api
+) -> None:
+    # uvicorn tells only its newest request (the pipelined one, never started) that the
+    # client left; the stream before it would learn it from a failed write, with a logged
+    # traceback, up to a heartbeat later.
+    name = user()
+    raw = await Raw.connect(srv)
+    try:
+        await raw.send(get("/healthz"))  # uvicorn's connection from now on
+        assert (await raw.response())[0] == 200
+        token = srv.token(name)
+        await raw.send(get("/api/v1/stream", f"Authorization: Bearer {token}") + get("/healthz"))
+        await raw.until(b"event: welcome")
+    finally:
+        await raw.close()
+
+    async def offline() -> bool:
+        presence = (await api.get(f"/api/v1/presence/{name}")).json()
+        return presence["online"] is False
+
+    await until(offline, f"{name}'s stream to close")
     assert "Traceback" not in srv.log()
 
 

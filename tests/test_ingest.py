@@ -20,8 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import redis.asyncio as aioredis
 from nats.js.errors import NotFoundError
 
 from server import StartServer, TidingsServer, free_port
-from sse_client import WAIT, Api, SSEClient, expect_marker, sse_stream
+from sse_client import WAIT, Api, SSEClient, expect_marker, sse_stream, until
 from tidings.config import Settings
 from tidings.errors import ConfigError
 from tidings.hub import Hub, parse_message
@@ -55,15 +54,6 @@ def reachable(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-async def until(condition: Callable[[], Awaitable[bool]], what: str, within: float = WAIT) -> None:
-    """Poll `condition` (bounded): a failure guard, not a way to let time pass."""
-    deadline = time.monotonic() + within
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def metric(where: TidingsServer | str, name: str, **labels: str) -> float:

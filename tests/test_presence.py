@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from server import START_TIMEOUT, StartServer, TidingsServer, free_port
-from sse_client import WAIT, Api, SSEClient, open_stream
+from sse_client import WAIT, Api, SSEClient, open_stream, until
 from tidings import Hub, Settings
 from tidings.auth import Principal
 from tidings.connection import SSEConnection
@@ -45,15 +45,6 @@ def reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-async def until(condition: Callable[[], Awaitable[bool]], what: str, within: float = WAIT) -> None:
-    """Poll `condition` (bounded): a failure guard, not a way to let time pass."""
-    deadline = time.monotonic() + within
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # -- brokers ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from uvicorn.config import Config
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
@@ -54,15 +54,37 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 class JSONErrorsProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol, which the fast path hands what it does not serve itself,
-    answering a request it cannot parse as every other refusal is answered: API.md §2's
-    JSON body (uvicorn's own is a line of plain text), then the connection closes.
+    with two mends for pipelined requests:
 
-    Pipelined behind requests still being answered, the 400 follows their answers, in
-    order. (uvicorn writes its 400 at once and closes: the answer due before it is lost,
-    and the app's attempt to send it is logged as an unhandled error.)
+    - a request it cannot parse is answered as every other refusal is: API.md §2's JSON
+      body (uvicorn's own is a line of plain text), then the connection closes; pipelined
+      behind requests still being answered, after their answers, in order (uvicorn writes
+      its 400 at once: the answer due before it is lost, and the app's attempt to send it
+      is logged as an unhandled error);
+    - when the client leaves, every request still being answered hears it (uvicorn tells
+      only the newest: a stream with a request pipelined behind it would go on until a
+      write failed, up to a heartbeat later, with a logged traceback).
     """
 
     _malformed = False
+    _open_cycles: tuple[RequestResponseCycle, ...] = ()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle  # the new request's (unless an upgrade returned early)
+        if cycle is not None and cycle not in self._open_cycles:
+            self._open_cycles = (
+                *(c for c in self._open_cycles if not c.response_complete),
+                cycle,
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for cycle in self._open_cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._open_cycles = ()
 
     def send_400_response(self, msg: str) -> None:
         cycle = self.cycle
