@@ -616,6 +616,22 @@ async def test_a_stream_with_a_request_pipelined_behind_it_sees_its_client_leave
     assert "Traceback" not in srv.log()
 
 
+async def test_a_client_that_leaves_during_its_body_is_no_error(srv: TidingsServer) -> None:
+    raw = await Raw.connect(srv)
+    try:
+        await raw.send(
+            b"POST /api/v1/publish/batch HTTP/1.1\r\nHost: test\r\n"
+            + f"Authorization: Bearer {srv.api_key}\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            + b'{"messages": [{"topics": ["lobby"],'
+        )
+    finally:
+        await raw.close()
+    line = "client left during POST /api/v1/publish/batch"
+    await until(lambda: line in srv.log(), "the server to see the client leave")
+    assert "Traceback" not in srv.log()
+
+
 async def test_pipelined_requests_are_answered_in_order(srv: TidingsServer) -> None:
     raw = await Raw.connect(srv)
     try:

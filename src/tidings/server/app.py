@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
@@ -102,6 +102,7 @@ def create_app(
         exception_handlers={
             TidingsError: _tidings_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_left,
             Exception: _unexpected,
         },
     )
@@ -125,6 +126,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     err = TidingsError(exc.detail)
     err.status, err.code = exc.status_code, "http_error"
     return error_response(err)
+
+
+async def _client_left(request: Request, exc: Exception) -> Response:
+    # The client went away while sending its request body: nobody to answer (the
+    # server drops this response), nothing went wrong here.
+    log.debug("client left during %s %s", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
