@@ -892,6 +892,20 @@ async def test_serve_keepalive_and_frame_limit(start_server: StartServer) -> Non
         assert code == 1009
 
 
+async def test_serve_a_text_frame_that_is_not_utf8_closes_1007_with_one_warning(
+    start_server: StartServer,
+) -> None:
+    server = start_server()
+    async with connect(ws_url(server, token=server.token("ida")), proxy=None) as ws:
+        await expect(ws, "welcome")
+        await ws.send(b'{"type": "ping", "x": "\xff"}', text=True)
+        code, _ = await closed(ws)
+        assert code == 1007
+    log = server.log()
+    assert "WARNING uvicorn.error: Invalid UTF-8 sequence received from client." in log, log
+    assert "Traceback" not in log, log
+
+
 async def test_serve_shutdown_closes_1001_and_restart_resets(start_server: StartServer) -> None:
     server = start_server()
     async with connect(ws_url(server, token=server.token("bo")), proxy=None) as ws:

@@ -37,6 +37,20 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class ClientFaultFilter(logging.Filter):
+    """uvicorn logs a WebSocket text frame that is not UTF-8 as an error with its
+    traceback, though the fault is the client's (it then closes the socket with 1007):
+    one warning line instead, so a client cannot fill the log with tracebacks."""
+
+    CLIENT_FAULTS = frozenset({"Invalid UTF-8 sequence received from client."})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING and record.msg in self.CLIENT_FAULTS:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -55,6 +69,7 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     """Route tidings' and uvicorn's loggers through one redacting handler."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
+    handler.addFilter(ClientFaultFilter())
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:
