@@ -906,6 +906,60 @@ async def test_serve_a_text_frame_that_is_not_utf8_closes_1007_with_one_warning(
     assert "Traceback" not in log, log
 
 
+async def test_serve_a_bad_text_frame_read_with_the_clients_close_is_dropped(
+    start_server: StartServer,
+) -> None:
+    # A text frame that is not UTF-8, then the client's close, in one read: the protocol
+    # has answered the close by the time uvicorn handles the text, and uvicorn's close
+    # for the bad text (1007) can no longer be sent (it logged a "fatal error").
+    from websockets.frames import Frame
+
+    server = start_server()
+    client = await RawClient.open(server.url, server.token("jo"))
+    try:
+        welcome = await client.next_frame(answer_pings=True)
+        assert orjson.loads(welcome.data)["type"] == "welcome"
+        close = Frame(Opcode.CLOSE, Close(1000, "").serialize())
+        client.writer.write(
+            Frame(Opcode.TEXT, b"\xff").serialize(mask=True, extensions=[])
+            + close.serialize(mask=True, extensions=[])
+        )
+        while (frame := await client.next_frame(answer_pings=True)) is not None:
+            if frame.opcode is Opcode.CLOSE:
+                assert Close.parse(frame.data).code == 1000
+    finally:
+        client.writer.close()
+    assert "Traceback" not in server.log(), server.log()
+
+
+async def test_serve_a_message_read_with_the_clients_close_still_counts(
+    start_server: StartServer,
+) -> None:
+    # A tab that marks everything read and closes at once: both frames in one read.
+    from websockets.frames import Frame
+
+    server = start_server()
+    token = server.token("kim")
+    async with connect(ws_url(server, token=token), proxy=None) as other:
+        await expect(other, "welcome")
+        client = await RawClient.open(server.url, token)
+        try:
+            welcome = await client.next_frame(answer_pings=True)
+            assert orjson.loads(welcome.data)["type"] == "welcome"
+            client.writer.write(
+                Frame(Opcode.TEXT, b'{"type": "mark_read", "all": true}').serialize(
+                    mask=True, extensions=[]
+                )
+                + Frame(Opcode.CLOSE, Close(1000, "").serialize()).serialize(
+                    mask=True, extensions=[]
+                )
+            )
+            read = await expect(other, "notification.read")
+            assert read["unread_count"] == 0
+        finally:
+            client.writer.close()
+
+
 async def test_serve_shutdown_closes_1001_and_restart_resets(start_server: StartServer) -> None:
     server = start_server()
     async with connect(ws_url(server, token=server.token("bo")), proxy=None) as ws:

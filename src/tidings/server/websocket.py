@@ -256,6 +256,10 @@ class _Session:
                 pump = asyncio.ensure_future(_pump(conn, self.send))
             conn.on_close(_unstick(conn, pump))
             await asyncio.wait((reader, pump), return_when=asyncio.FIRST_COMPLETED)
+            if conn.closed is CloseReason.CLIENT and not reader.done():
+                # The client left: what it sent before leaving still counts (a tab that
+                # marks everything read and closes at once), for a bounded time.
+                await asyncio.wait((reader,), timeout=CLOSE_TIMEOUT)
         except TidingsError as exc:  # the backend failed while opening
             failure = exc
         except Exception:

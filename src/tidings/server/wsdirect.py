@@ -11,6 +11,7 @@ socket. `uvicorn_options` is everything the endpoint needs from uvicorn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 from collections.abc import Callable
@@ -197,6 +198,7 @@ class DirectWriter:
 DIRECT_PROTOCOL: type[asyncio.Protocol] | None
 try:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.exceptions import InvalidState
     from websockets.frames import Frame
     from websockets.http11 import Request
 except ImportError:  # uvicorn before 0.35: frames go through ASGI sends
@@ -210,7 +212,8 @@ else:
         Every way uvicorn closes tells the writer first (`DirectWriter.closing`): it
         sets `close_sent` after a close frame, and `shutdown` and `handle_close` write
         one without it; after `transport.close()` a write would still be sent while the
-        transport flushes its buffer.
+        transport flushes its buffer. Text that is not UTF-8, read in the same data as
+        the client's close, is dropped (`send_receive_event_to_app`).
         """
 
         writer: DirectWriter | None = None
@@ -235,6 +238,13 @@ else:
             if self.writer is not None:
                 self.writer.closing()
             super().handle_close(event)
+
+        def send_receive_event_to_app(self) -> None:
+            # Text that is not UTF-8, read together with the client's close: the protocol
+            # has answered that close, so uvicorn's own (1007) cannot be sent; the close
+            # under way ends the socket.
+            with contextlib.suppress(InvalidState):
+                super().send_receive_event_to_app()
 
         def handle_connect(self, event: Request) -> None:
             super().handle_connect(event)
