@@ -45,7 +45,8 @@ class ClientFaultFilter(logging.Filter):
     CLIENT_FAULTS = frozenset({"Invalid UTF-8 sequence received from client."})
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.WARNING and record.msg in self.CLIENT_FAULTS:
+        msg = record.msg
+        if record.levelno > logging.WARNING and isinstance(msg, str) and msg in self.CLIENT_FAULTS:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         return True

@@ -21,20 +21,20 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
 
-import orjson
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from uvicorn.config import Config
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
-from ..errors import InvalidRequest, TidingsError
-from .fasthttp import HeadCache, RequestHead, json_response
+from ..errors import TidingsError
+from .fasthttp import HeadCache, RequestHead
 from .fastpublish import Answer, KnownKeys, answer, json_headers, may_start_eagerly
 from .faststream import greet_chunked
 from .fastwriter import ChunkedSSEConnection
+from .handoff import HandOffProtocol
 from .http import INTERNAL, Credentials, client_ip, error_response
 from .sse import HEADERS
 from .state import State
@@ -50,61 +50,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class JSONErrorsProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol, which the fast path hands what it does not serve itself,
-    with two mends for pipelined requests:
-
-    - a request it cannot parse is answered as every other refusal is: API.md §2's JSON
-      body (uvicorn's own is a line of plain text), then the connection closes; pipelined
-      behind requests still being answered, after their answers, in order (uvicorn writes
-      its 400 at once: the answer due before it is lost, and the app's attempt to send it
-      is logged as an unhandled error);
-    - when the client leaves, every request still being answered hears it (uvicorn tells
-      only the newest: a stream with a request pipelined behind it would go on until a
-      write failed, up to a heartbeat later, with a logged traceback).
-    """
-
-    _malformed = False
-    _open_cycles: tuple[RequestResponseCycle, ...] = ()
-
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        cycle = self.cycle  # the new request's (unless an upgrade returned early)
-        if cycle is not None and cycle not in self._open_cycles:
-            self._open_cycles = (
-                *(c for c in self._open_cycles if not c.response_complete),
-                cycle,
-            )
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        for cycle in self._open_cycles:
-            if not cycle.response_complete:
-                cycle.disconnected = True
-                cycle.message_event.set()
-        self._open_cycles = ()
-
-    def send_400_response(self, msg: str) -> None:
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            self._malformed = True  # answered once the answers before it are out
-            self.flow.pause_reading()
-            return
-        self._refuse()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._malformed and not self.pipeline and not self.transport.is_closing():
-            self._unset_keepalive_if_required()
-            self._refuse()
-
-    def _refuse(self) -> None:
-        body = orjson.dumps(InvalidRequest("malformed HTTP request").body())
-        defaults = self.server_state.default_headers
-        self.transport.write(json_response(400, body, defaults, close=True))
-        self.transport.close()
 
 
 class Capture:
@@ -235,7 +180,7 @@ class FastPath:
 
     def uvicorn_protocol(self) -> HttpToolsProtocol:
         assert self.config is not None
-        return JSONErrorsProtocol(
+        return HandOffProtocol(
             config=self.config,
             server_state=self.server_state,
             app_state=self.app_state,

@@ -1,0 +1,69 @@
+"""The HTTP protocol of the connections the fast path hands to uvicorn (all but streams and
+publishes it serves itself): uvicorn's `HttpToolsProtocol`, mended where a client that
+sends what it should not (a request that is not HTTP, pipelined requests, leaving early)
+made it answer in plain text, out of order, or not notice.
+"""
+
+from __future__ import annotations
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from ..errors import InvalidRequest
+from .fasthttp import json_response
+
+__all__ = ["HandOffProtocol"]
+
+
+class HandOffProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with two mends:
+
+    - a request it cannot parse is answered as every other refusal is: API.md §2's JSON
+      body (uvicorn's own is a line of plain text), then the connection closes; pipelined
+      behind requests still being answered, after their answers, in order (uvicorn writes
+      its 400 at once: the answer due before it is lost, and the app's attempt to send it
+      is logged as an unhandled error);
+    - when the client leaves, every request still being answered hears it (uvicorn tells
+      only the newest: a stream with a request pipelined behind it would go on until a
+      write failed, up to a heartbeat later, with a logged traceback).
+    """
+
+    _malformed = False
+    _open_cycles: tuple[RequestResponseCycle, ...] = ()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle  # the new request's (unless an upgrade returned early)
+        if cycle is not None and cycle not in self._open_cycles:
+            self._open_cycles = (
+                *(c for c in self._open_cycles if not c.response_complete),
+                cycle,
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for cycle in self._open_cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._open_cycles = ()
+
+    def send_400_response(self, msg: str) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            self._malformed = True  # answered once the answers before it are out
+            self.flow.pause_reading()
+            return
+        self._refuse()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._malformed and not self.pipeline and not self.transport.is_closing():
+            self._unset_keepalive_if_required()
+            self._refuse()
+
+    def _refuse(self) -> None:
+        body = orjson.dumps(InvalidRequest("malformed HTTP request").body())
+        defaults = self.server_state.default_headers
+        self.transport.write(json_response(400, body, defaults, close=True))
+        self.transport.close()
