@@ -200,7 +200,15 @@ def test_principal_from_claims() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{}, {"sub": ""}, {"sub": 5}, {"sub": "x" * 129}, {"sub": "u", "tenant": 3}],
+    [
+        {},
+        {"sub": ""},
+        {"sub": 5},
+        {"sub": "x" * 129},
+        {"sub": "u", "tenant": 3},
+        {"sub": "u\x00"},
+        {"sub": "u", "tenant": "acme\x00"},
+    ],
 )
 def test_principal_from_bad_claims(bad: dict[str, Any]) -> None:
     with pytest.raises(Unauthorized):

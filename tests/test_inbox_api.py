@@ -174,8 +174,15 @@ VALID = {"tenant": "acme", "recipients": ["alice"], "type": "x", "title": "t"}
         {"idempotency_key": ""},
         {"idempotency_key": 7},
         {"tenant": 5},
+        # U+0000: PostgreSQL's text cannot hold it; refused alike on SQLite.
+        {"title": "工资\x00已发放"},
+        {"content": "\x00"},
+        {"type": "payroll\x00"},
+        {"recipients": ["al\x00ice"]},
+        {"tenant": "acme\x00"},
+        {"idempotency_key": "k\x00"},
     ],
-    ids=lambda change: ",".join(change)[:40],
+    ids=lambda change: ",".join(f"{k}={v!r}" for k, v in change.items())[:40],
 )
 async def test_create_validation(client: httpx.AsyncClient, change: dict[str, Any]) -> None:
     body = {k: v for k, v in {**VALID, **change}.items() if v is not None}
@@ -252,6 +259,7 @@ async def test_list_pages_newest_first_with_total_and_unread_count(
         {"unread": "maybe"},
         {"unread": "1"},
         {"type": "t" * 65},
+        {"type": "t\x00"},
     ],
 )
 async def test_list_validation(client: httpx.AsyncClient, params: dict[str, str]) -> None:

@@ -132,4 +132,6 @@ def _insecure_principal(query: Mapping[str, str]) -> Principal:
     user, tenant = query.get("user_id", ""), query.get("tenant_id", "")
     if len(user) > MAX_ID_LENGTH or len(tenant) > MAX_ID_LENGTH:
         raise Unauthorized(f"user_id and tenant_id are at most {MAX_ID_LENGTH} characters")
+    if "\x00" in user or "\x00" in tenant:
+        raise Unauthorized("user_id and tenant_id must not contain NUL (U+0000)")
     return Principal(user_id=user, tenant=tenant)

@@ -66,6 +66,8 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     tenant = claims.get("tenant", "")
     if not isinstance(tenant, str) or len(tenant) > MAX_ID_LENGTH:
         raise Unauthorized(f"token tenant claim must be a string of at most {MAX_ID_LENGTH}")
+    if "\x00" in sub or "\x00" in tenant:  # no database keeps it alike (PostgreSQL refuses)
+        raise Unauthorized("token sub and tenant claims must not contain NUL (U+0000)")
     name = claims.get("name")
     publish = claims.get("publish")
     return Principal(

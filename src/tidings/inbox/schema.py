@@ -118,7 +118,14 @@ def _or(value: Any, default: Any) -> Any:
 def _text(name: str, value: object, least: int, most: int) -> str:
     if not isinstance(value, str) or not least <= len(value) <= most:
         raise InvalidRequest(f"`{name}` must be a string of {least}-{most} characters")
+    _no_nul(name, value)
     return value
+
+
+def _no_nul(name: str, value: str) -> None:
+    # PostgreSQL's text cannot hold U+0000 (SQLite's can): refused alike on both.
+    if "\x00" in value:
+        raise InvalidRequest(f"`{name}` must not contain NUL (U+0000) characters")
 
 
 def _recipients(value: object) -> tuple[str, ...]:
@@ -135,6 +142,8 @@ def _recipients(value: object) -> tuple[str, ...]:
         )
     if len(value) > MAX_RECIPIENTS:
         raise InvalidRequest(f"`recipients` may name at most {MAX_RECIPIENTS} users")
+    for recipient in value:
+        _no_nul("recipients", recipient)
     return tuple(dict.fromkeys(value))  # de-duplicated, order kept
 
 
