@@ -23,9 +23,10 @@ class HandOffProtocol(HttpToolsProtocol):
       behind requests still being answered, after their answers, in order (uvicorn writes
       its 400 at once: the answer due before it is lost, and the app's attempt to send it
       is logged as an unhandled error);
-    - when the client leaves, every request still being answered hears it (uvicorn tells
-      only the newest: a stream with a request pipelined behind it would go on until a
-      write failed, up to a heartbeat later, with a logged traceback).
+    - when the client leaves (or ends its side, which closes the transport), every
+      request still being answered hears it at once (uvicorn tells only the newest, and
+      a turn of the loop later: an answer sent meanwhile, or a stream with a request
+      pipelined behind it, failed on the closed socket with a logged traceback).
     """
 
     _malformed = False
@@ -42,6 +43,15 @@ class HandOffProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._client_left()
+
+    def eof_received(self) -> None:
+        # The transport closes at once on the client's EOF (nothing more can be
+        # written), but connection_lost comes a loop turn later: an answer sent in
+        # between would fail on the closed handle, logged as an unhandled error.
+        self._client_left()
+
+    def _client_left(self) -> None:
         for cycle in self._open_cycles:
             if not cycle.response_complete:
                 cycle.disconnected = True
