@@ -632,6 +632,31 @@ async def test_a_client_that_leaves_during_its_body_is_no_error(srv: TidingsServ
     assert "Traceback" not in srv.log()
 
 
+async def test_a_websocket_upgrade_pipelined_behind_a_request_waits_for_its_answer(
+    srv: TidingsServer,
+) -> None:
+    # The socket changes hands only once the answers due before the upgrade are out
+    # (uvicorn handed it over at once: the answer due first was lost, its send failed).
+    upgrade = get(
+        f"/api/v1/ws?token={srv.token(user())}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    )
+    raw = await Raw.connect(srv)
+    try:
+        await raw.send(get("/healthz"))  # uvicorn's connection from now on
+        assert (await raw.response())[0] == 200
+        await raw.send(get("/readyz") + upgrade)
+        status, _, body = await raw.response()
+        assert status == 200 and orjson.loads(body)["status"] == "ok", body
+        assert (await raw.until(b'"welcome"')).startswith(b"HTTP/1.1 101 ")
+    finally:
+        await raw.close()
+    assert "Traceback" not in srv.log()
+
+
 async def test_pipelined_requests_are_answered_in_order(srv: TidingsServer) -> None:
     raw = await Raw.connect(srv)
     try:

@@ -16,13 +16,16 @@ __all__ = ["HandOffProtocol"]
 
 
 class HandOffProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol with two mends:
+    """uvicorn's HTTP protocol with three mends:
 
     - a request it cannot parse is answered as every other refusal is: API.md §2's JSON
       body (uvicorn's own is a line of plain text), then the connection closes; pipelined
       behind requests still being answered, after their answers, in order (uvicorn writes
       its 400 at once: the answer due before it is lost, and the app's attempt to send it
       is logged as an unhandled error);
+    - a WebSocket upgrade pipelined behind requests still being answered takes the
+      socket after their answers (uvicorn hands it over at once: their answers failed on
+      a socket that had changed hands, with logged tracebacks);
     - when the client leaves (or ends its side, which closes the transport), every
       request still being answered hears it at once (uvicorn tells only the newest, and
       a turn of the loop later: an answer sent meanwhile, or a stream with a request
@@ -30,6 +33,7 @@ class HandOffProtocol(HttpToolsProtocol):
     """
 
     _malformed = False
+    _upgrade_due = False
     _open_cycles: tuple[RequestResponseCycle, ...] = ()
 
     def on_headers_complete(self) -> None:
@@ -66,11 +70,24 @@ class HandOffProtocol(HttpToolsProtocol):
             return
         self._refuse()
 
+    def handle_websocket_upgrade(self) -> None:
+        if any(not cycle.response_complete for cycle in self._open_cycles):
+            self._upgrade_due = True  # the socket changes hands once they are answered
+            self.flow.pause_reading()
+            return
+        super().handle_websocket_upgrade()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._malformed and not self.pipeline and not self.transport.is_closing():
+        if self.pipeline or self.transport.is_closing():
+            return
+        if self._malformed:
             self._unset_keepalive_if_required()
             self._refuse()
+        elif self._upgrade_due:
+            self._upgrade_due = False
+            self._unset_keepalive_if_required()
+            super().handle_websocket_upgrade()
 
     def _refuse(self) -> None:
         body = orjson.dumps(InvalidRequest("malformed HTTP request").body())
