@@ -11,23 +11,16 @@ a ``Traceback`` there is a finding too (a client's fault is answered, never logg
 the server's own error).
 """
 
-import argparse
 import asyncio
+import collections
 import json
-import random
-import time
+
+from fuzzing import arguments, rounds
 
 from tidings.auth import mint_token
 
-_args = argparse.ArgumentParser()
-_args.add_argument("--port", type=int, default=8000)
-_args.add_argument("--key", required=True)
-_args.add_argument("--secret", required=True)
-_args.add_argument("--seconds", type=float, default=60)
-_args.add_argument("--seed", type=int, default=1)
-ARGS = _args.parse_args()
+ARGS, rnd = arguments(__doc__)
 PORT, SECONDS = ARGS.port, ARGS.seconds
-rnd = random.Random(ARGS.seed)
 TOK = mint_token(ARGS.secret, "u1", tenant="t", topics=["a", "b"])
 KEY = ARGS.key
 BODIES = [
@@ -174,12 +167,8 @@ async def one(stats):
 
 async def main():
     stats = {}
-    end = time.time() + SECONDS
-    while time.time() < end:
-        await asyncio.gather(*(one(stats) for _ in range(20)))
+    await rounds(lambda: one(stats), SECONDS)
     print(json.dumps({k: (v if not isinstance(v, list) else len(v)) for k, v in stats.items()}))
-    import collections
-
     cat = collections.Counter()
     for _req, resp in stats.get("non_json_4xx", []):
         body = resp.split(b"\r\n\r\n", 1)[-1][:60]

@@ -13,24 +13,16 @@ a ``Traceback`` there is a finding too (a client's fault is answered, never logg
 the server's own error).
 """
 
-import argparse
 import asyncio
 import json
-import random
-import time
 
 import httpx
+from fuzzing import arguments, rounds
+
 from tidings.auth import mint_token
 
-_args = argparse.ArgumentParser()
-_args.add_argument("--port", type=int, default=8000)
-_args.add_argument("--key", required=True)
-_args.add_argument("--secret", required=True)
-_args.add_argument("--seconds", type=float, default=60)
-_args.add_argument("--seed", type=int, default=1)
-ARGS = _args.parse_args()
+ARGS, rnd = arguments(__doc__)
 PORT, SECONDS = ARGS.port, ARGS.seconds
-rnd = random.Random(ARGS.seed)
 BASE = f"http://127.0.0.1:{PORT}"
 USER = mint_token(ARGS.secret, "u1", tenant="t", topics=["a", "b:*"], publish=["a"])
 ADMIN = mint_token(ARGS.secret, "adm", tenant="t", admin=True)
@@ -191,54 +183,51 @@ async def main():
     stats = {}
     bad = []
     async with httpx.AsyncClient(base_url=BASE, timeout=10) as c:
-        end = time.time() + SECONDS
-        while time.time() < end:
 
-            async def one():
-                method, path = rnd.choice(ENDPOINTS)
-                path = path.replace("{id}", rnd.choice(IDS))
-                auth = rnd.choice([USER, ADMIN, KEY, KEY, "junk"])
-                headers = {"Authorization": f"Bearer {auth}"}
-                kw = {}
-                if method in ("POST", "PUT"):
-                    if rnd.random() < 0.9:
-                        kw["content"] = json.dumps(body(path), ensure_ascii=rnd.random() < 0.5)
-                    else:
-                        kw["content"] = rnd.choice(
-                            [b"", b"{", b"\xff", b"[]", b"1e999", b'{"a":NaN}']
-                        )
-                    headers["Content-Type"] = "application/json"
-                try:
-                    r = await c.request(method, path, params=query(), headers=headers, **kw)
-                except httpx.HTTPError as e:
-                    stats["httperr:" + type(e).__name__] = (
-                        stats.get("httperr:" + type(e).__name__, 0) + 1
+        async def one():
+            method, path = rnd.choice(ENDPOINTS)
+            path = path.replace("{id}", rnd.choice(IDS))
+            auth = rnd.choice([USER, ADMIN, KEY, KEY, "junk"])
+            headers = {"Authorization": f"Bearer {auth}"}
+            kw = {}
+            if method in ("POST", "PUT"):
+                if rnd.random() < 0.9:
+                    kw["content"] = json.dumps(body(path), ensure_ascii=rnd.random() < 0.5)
+                else:
+                    kw["content"] = rnd.choice([b"", b"{", b"\xff", b"[]", b"1e999", b'{"a":NaN}'])
+                headers["Content-Type"] = "application/json"
+            try:
+                r = await c.request(method, path, params=query(), headers=headers, **kw)
+            except httpx.HTTPError as e:
+                stats["httperr:" + type(e).__name__] = (
+                    stats.get("httperr:" + type(e).__name__, 0) + 1
+                )
+                return
+            stats[r.status_code] = stats.get(r.status_code, 0) + 1
+            if (r.status_code >= 500 and r.status_code != 503) or (
+                r.status_code >= 400 and "application/json" not in r.headers.get("content-type", "")
+            ):
+                bad.append(
+                    (
+                        method,
+                        path,
+                        kw.get("content", "")[:300]
+                        if isinstance(kw.get("content"), str)
+                        else kw.get("content"),
+                        r.status_code,
+                        r.text[:200],
                     )
-                    return
-                stats[r.status_code] = stats.get(r.status_code, 0) + 1
-                if (r.status_code >= 500 and r.status_code != 503) or (
-                    r.status_code >= 400
-                    and "application/json" not in r.headers.get("content-type", "")
-                ):
-                    bad.append(
-                        (
-                            method,
-                            path,
-                            kw.get("content", "")[:300]
-                            if isinstance(kw.get("content"), str)
-                            else kw.get("content"),
-                            r.status_code,
-                            r.text[:200],
-                        )
-                    )
+                )
 
-            await asyncio.gather(*(one() for _ in range(10)))
+        await rounds(one, SECONDS, width=10)
     print(json.dumps({str(k): v for k, v in stats.items()}))
     seen = set()
     for b in bad:
-        if (b[0], b[1].split("/")[3] if len(b[1].split("/")) > 3 else b[1], b[3]) in seen:
+        parts = b[1].split("/")
+        kind = (b[0], parts[3] if len(parts) > 3 else b[1], b[3])  # method, resource, status
+        if kind in seen:
             continue
-        seen.add((b[0], b[1].split("/")[3] if len(b[1].split("/")) > 3 else b[1], b[3]))
+        seen.add(kind)
         print("BAD", b)
 
 

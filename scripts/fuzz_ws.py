@@ -7,32 +7,24 @@ Against a running server whose API key and JWT secret you pass:
     PYTHONPATH=src python scripts/fuzz_ws.py --port 8000 --key KEY --secret SECRET \
         [--seconds 60] [--seed 1]
 
-It prints one JSON line of counts; the server's answers are not checked. Read the server's log afterwards:
-a ``Traceback`` there is a finding too (a client's fault is answered, never logged as
-the server's own error).
+It prints one JSON line of counts; the server's answers are not checked. Read the
+server's log afterwards: a ``Traceback`` there is a finding too (a client's fault is
+answered, never logged as the server's own error).
 """
 
-import argparse
 import asyncio
 import base64
 import json
 import logging
 import os
-import random
 import struct
-import time
+
+from fuzzing import arguments, rounds
 
 from tidings.auth import mint_token
 
-_args = argparse.ArgumentParser()
-_args.add_argument("--port", type=int, default=8000)
-_args.add_argument("--key", required=True)  # not used: the same arguments as its siblings
-_args.add_argument("--secret", required=True)
-_args.add_argument("--seconds", type=float, default=60)
-_args.add_argument("--seed", type=int, default=1)
-ARGS = _args.parse_args()
+ARGS, rnd = arguments(__doc__)
 PORT, SECONDS = ARGS.port, ARGS.seconds
-rnd = random.Random(ARGS.seed)
 TOK = mint_token(ARGS.secret, "u1", tenant="t", topics=["a", "b:*"])
 logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "socket.send() raised exception."
 
@@ -128,7 +120,8 @@ async def one(stats):
     )
     ext = "Sec-WebSocket-Extensions: permessage-deflate\r\n" if rnd.random() < 0.2 else ""
     w.write(
-        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}{ext}\r\n".encode()
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}{ext}\r\n".encode()
     )
     try:
         head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 3)
@@ -163,9 +156,7 @@ async def one(stats):
 
 async def main():
     stats = {}
-    end = time.time() + SECONDS
-    while time.time() < end:
-        await asyncio.gather(*(one(stats) for _ in range(20)))
+    await rounds(lambda: one(stats), SECONDS)
     print(json.dumps(stats))
 
 
