@@ -415,6 +415,11 @@ class Raw:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
         return cls(reader, writer)
 
+    async def hand_to_uvicorn(self) -> None:
+        """Make a request the fast path does not serve: uvicorn's connection from now on."""
+        await self.send(get("/healthz"))
+        assert (await self.response())[0] == 200
+
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
         await self.writer.drain()
@@ -570,8 +575,7 @@ async def test_a_request_that_is_not_http_gets_a_json_400_and_the_close(
     raw = await Raw.connect(srv)
     try:
         if after == "an answered request":
-            await raw.send(get("/healthz"))
-            assert (await raw.response())[0] == 200
+            await raw.hand_to_uvicorn()
         if after == "a pipelined request":
             await raw.send(get("/readyz") + malformed)
             status, _, body = await raw.response()
@@ -600,8 +604,7 @@ async def test_a_stream_with_a_request_pipelined_behind_it_sees_its_client_leave
     name = user()
     raw = await Raw.connect(srv)
     try:
-        await raw.send(get("/healthz"))  # uvicorn's connection from now on
-        assert (await raw.response())[0] == 200
+        await raw.hand_to_uvicorn()
         token = srv.token(name)
         await raw.send(get("/api/v1/stream", f"Authorization: Bearer {token}") + get("/healthz"))
         await raw.until(b"event: welcome")
@@ -646,8 +649,7 @@ async def test_a_websocket_upgrade_pipelined_behind_a_request_waits_for_its_answ
     )
     raw = await Raw.connect(srv)
     try:
-        await raw.send(get("/healthz"))  # uvicorn's connection from now on
-        assert (await raw.response())[0] == 200
+        await raw.hand_to_uvicorn()
         await raw.send(get("/readyz") + upgrade)
         status, _, body = await raw.response()
         assert status == 200 and orjson.loads(body)["status"] == "ok", body
